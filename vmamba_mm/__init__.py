@@ -1,0 +1,18 @@
+"""vmamba_mm: VMamba backbones for MMDetection and MMSegmentation.
+
+Importing the package (as configs do through ``custom_imports``) registers the ``VMamba``
+backbone in the OpenMMLab registries and makes mmengine checkpoints load under torch's weights-only
+loading, when mmengine is installed. The core (``vmamba_mm.ops``, ``vmamba_mm.models``) needs only
+torch.
+"""
+
+import importlib.util
+
+from .version import __version__
+
+if importlib.util.find_spec("mmengine") is not None:
+    from . import mmengine_compat
+
+    mmengine_compat.install()
+
+__all__ = ["__version__"]

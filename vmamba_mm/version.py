@@ -1,0 +1,3 @@
+"""Version of the vmamba_mm package."""
+
+__version__ = "0.1.0"
