@@ -6,11 +6,18 @@ loading, when mmengine is installed. The core (``vmamba_mm.ops``, ``vmamba_mm.mo
 torch.
 """
 
-import importlib.util
-
 from .version import __version__
 
-if importlib.util.find_spec("mmengine") is not None:
+
+def _mmengine_available() -> bool:
+    try:
+        import mmengine  # noqa: F401
+    except ImportError:  # the core works with torch alone
+        return False
+    return True
+
+
+if _mmengine_available():
     from . import mmengine_compat
 
     mmengine_compat.install()
