@@ -20,10 +20,10 @@ The downsample of stage ``i`` runs between stage ``i`` and ``i + 1`` and feeds t
 shares the id of the first block it feeds. The ``outnorm{i}`` layers are not part of the ImageNet
 checkpoints (they are created fresh for dense prediction), so, like the neck, they train at full lr.
 
-Weight decay is switched off for biases, 1-D parameters (norm weights, ``Ds``), the per-direction
-``dt_projs_bias`` and the state matrix logs ``A_logs`` (decaying ``A_logs`` towards 0 would pull every
-``A = -exp(A_logs)`` towards -1 and change the memory of the scan), and for any parameter carrying
-``_no_weight_decay = True``.
+Weight decay is switched off for biases, 1-D parameters (norm weights, ``Ds``), the
+per-direction ``dt_projs_bias`` and the state matrix logs ``A_logs`` (decaying ``A_logs`` towards 0
+would pull every ``A = -exp(A_logs)`` towards -1 and change the memory of the scan), and for any
+parameter carrying ``_no_weight_decay = True``.
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -121,7 +121,8 @@ class VMambaLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         unknown = set(cfg) - _PARAMWISE_KEYS
         if unknown:
             raise ValueError(f"paramwise_cfg keys {sorted(unknown)} are not understood by "
-                             f"VMambaLayerDecayOptimizerConstructor; use {sorted(_PARAMWISE_KEYS)}.")
+                             "VMambaLayerDecayOptimizerConstructor; use "
+                             f"{sorted(_PARAMWISE_KEYS)}.")
         if "decay_rate" not in cfg:
             raise ValueError("VMambaLayerDecayOptimizerConstructor needs paramwise_cfg.decay_rate, "
                              "e.g. paramwise_cfg=dict(decay_rate=0.9).")

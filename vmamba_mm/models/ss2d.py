@@ -84,6 +84,9 @@ class SS2D(nn.Module):
         self.gated = gated
         self.channel_first = channel_first
         self.scan_backend = scan_backend
+        # The cross-scan follows the scan: Triton when asked for, PyTorch for the CPU reference
+        # backends, and the ops' own choice for "auto".
+        self.cross_backend = {"naive": "torch", "torch": "torch"}.get(scan_backend, scan_backend)
 
         proj_out = 2 * d_inner if gated else d_inner
         self.in_proj = make_linear(d_model, proj_out, bias=False, channel_first=channel_first)
@@ -140,7 +143,7 @@ class SS2D(nn.Module):
         batch, d_inner, height, width = x.shape
         length = height * width
 
-        xs = cross_scan(x)  # [B, K, D, L]
+        xs = cross_scan(x, backend=self.cross_backend)  # [B, K, D, L]
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)  # [B, K, R+2N, L]
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # [B, K, D, L]
@@ -157,9 +160,10 @@ class SS2D(nn.Module):
         ys = ys.view(batch, K, d_inner, height, width)
 
         if self.channel_first:
-            y = cross_merge(ys).view(batch, d_inner, height, width)
+            y = cross_merge(ys, backend=self.cross_backend).view(batch, d_inner, height, width)
         else:
-            y = cross_merge_channel_last(ys).view(batch, height, width, d_inner)
+            y = cross_merge_channel_last(ys, backend=self.cross_backend)  # [B, L, D]
+            y = y.view(batch, height, width, d_inner)
         y = self.out_norm(y).to(x.dtype)
         if z is not None:
             y = y * z

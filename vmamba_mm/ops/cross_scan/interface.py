@@ -5,7 +5,8 @@
 Cross-merge is the adjoint of cross-scan, so the backward of each one is the other.
 
 Backends:
-    "torch": reshapes, transposes and flips in PyTorch; any device, any dtype, autograd by PyTorch.
+    "torch": copies, transposes and flips in PyTorch; any device and dtype; the backward calls
+        the partner op.
     "triton": one Triton kernel per call (CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``),
         floating-point tensors only; the backward launches the partner kernel.
     "auto": "triton" for floating-point CUDA tensors when Triton imports, otherwise "torch".
@@ -48,7 +49,9 @@ def triton_available() -> bool:
 
 def _check_tensor(name: str, tensor: object, ndim: int, layout: str) -> None:
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(tensor).__name__}.")
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape {layout}, got {type(tensor).__name__}."
+        )
     if tensor.dim() != ndim:
         raise ValueError(
             f"{name} must have {ndim} dimensions {layout}, got shape {tuple(tensor.shape)}; "
@@ -68,9 +71,7 @@ def _resolve_backend(backend: str, tensor: torch.Tensor, name: str) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     if backend == "auto":
-        use_triton = (
-            tensor.is_cuda and tensor.dtype in _TRITON_DTYPES and triton_available()
-        )
+        use_triton = tensor.is_cuda and tensor.dtype in _TRITON_DTYPES and triton_available()
         return "triton" if use_triton else "torch"
     if backend == "triton":
         if not triton_available():

@@ -11,7 +11,9 @@ in int64 because B * 4 * D * L overflows int32 at detection resolutions.
 
 Triton is imported only when a kernel is first needed. The kernels are decorated on first use and
 cached per interpreter mode, because ``triton.jit`` decides at decoration time whether a function
-runs compiled or in the CPU interpreter (``TRITON_INTERPRET=1``).
+runs compiled or in the CPU interpreter (``TRITON_INTERPRET=1``). The kernels call only Triton
+builtins (no ``@triton.jit`` helpers such as ``tl.cdiv``, which are decorated when Triton is first
+imported), so they run in either mode whatever the mode was at that import.
 """
 
 import os
@@ -49,27 +51,39 @@ def _kernel_sources() -> Tuple[Callable, Callable]:
         pid_hw = tl.program_id(0)
         pid_d = tl.program_id(1)
         pid_b = tl.program_id(2).to(tl.int64)
-        blocks_w = tl.cdiv(W, BLOCK_W)
+        blocks_w = (W + BLOCK_W - 1) // BLOCK_W
+        h0 = (pid_hw // blocks_w) * BLOCK_H
+        w0 = (pid_hw % blocks_w) * BLOCK_W
         pix = tl.arange(0, BLOCK_H * BLOCK_W)
-        h = ((pid_hw // blocks_w) * BLOCK_H + pix // BLOCK_W).to(tl.int64)
-        w = ((pid_hw % blocks_w) * BLOCK_W + pix % BLOCK_W).to(tl.int64)
         d = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+        # Row order: pixel p of the tile is (h0 + p // BLOCK_W, w0 + p % BLOCK_W).
+        h = (h0 + pix // BLOCK_W).to(tl.int64)
+        w = (w0 + pix % BLOCK_W).to(tl.int64)
         mask = (d[:, None] < D) & ((h < H) & (w < W))[None, :]
+        # Column order: pixel p is (h0 + p % BLOCK_H, w0 + p // BLOCK_H), so the column-major
+        # routes are written in runs that are contiguous in memory.
+        hc = (h0 + pix % BLOCK_H).to(tl.int64)
+        wc = (w0 + pix // BLOCK_H).to(tl.int64)
+        mask_c = (d[:, None] < D) & ((hc < H) & (wc < W))[None, :]
 
         src = x_ptr + pid_b * stride_xb + d[:, None] * stride_xd
         vals = tl.load(src + (h * stride_xh + w * stride_xw)[None, :], mask=mask)
+        vals_c = tl.reshape(
+            tl.permute(tl.reshape(vals, (BLOCK_D, BLOCK_H, BLOCK_W)), (0, 2, 1)),
+            (BLOCK_D, BLOCK_H * BLOCK_W),
+        )
 
         row = (h * W + w)[None, :]  # position along route 0
-        col = (w * H + h)[None, :]  # position along route 1
+        col = (wc * H + hc)[None, :]  # position along route 1, column order
         # Left to right, so the int64 program index widens every product before it can overflow.
         dst0 = xs_ptr + pid_b * 4 * route_stride + d[:, None] * L
         dst1 = dst0 + route_stride
         dst2 = dst1 + route_stride
         dst3 = dst2 + route_stride
         tl.store(dst0 + row, vals, mask=mask)
-        tl.store(dst1 + col, vals, mask=mask)
+        tl.store(dst1 + col, vals_c, mask=mask_c)
         tl.store(dst2 + (L - 1 - row), vals, mask=mask)
-        tl.store(dst3 + (L - 1 - col), vals, mask=mask)
+        tl.store(dst3 + (L - 1 - col), vals_c, mask=mask_c)
 
     def cross_merge_kernel(
         ys_ptr,
@@ -91,23 +105,37 @@ def _kernel_sources() -> Tuple[Callable, Callable]:
         pid_hw = tl.program_id(0)
         pid_d = tl.program_id(1)
         pid_b = tl.program_id(2).to(tl.int64)
-        blocks_w = tl.cdiv(W, BLOCK_W)
+        blocks_w = (W + BLOCK_W - 1) // BLOCK_W
+        h0 = (pid_hw // blocks_w) * BLOCK_H
+        w0 = (pid_hw % blocks_w) * BLOCK_W
         pix = tl.arange(0, BLOCK_H * BLOCK_W)
-        h = ((pid_hw // blocks_w) * BLOCK_H + pix // BLOCK_W).to(tl.int64)
-        w = ((pid_hw % blocks_w) * BLOCK_W + pix % BLOCK_W).to(tl.int64)
         d = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+        h = (h0 + pix // BLOCK_W).to(tl.int64)
+        w = (w0 + pix % BLOCK_W).to(tl.int64)
         mask = (d[:, None] < D) & ((h < H) & (w < W))[None, :]
+        hc = (h0 + pix % BLOCK_H).to(tl.int64)
+        wc = (w0 + pix // BLOCK_H).to(tl.int64)
+        mask_c = (d[:, None] < D) & ((hc < H) & (wc < W))[None, :]
 
         row = (h * W + w)[None, :]
-        col = (w * H + h)[None, :]
+        col = (wc * H + hc)[None, :]
         src0 = ys_ptr + pid_b * 4 * route_stride + d[:, None] * L
         src1 = src0 + route_stride
         src2 = src1 + route_stride
         src3 = src2 + route_stride
         y0 = tl.load(src0 + row, mask=mask)
-        y1 = tl.load(src1 + col, mask=mask)
         y2 = tl.load(src2 + (L - 1 - row), mask=mask)
-        y3 = tl.load(src3 + (L - 1 - col), mask=mask)
+        # The column routes are read in column order (contiguous runs), then brought to row order.
+        y1 = tl.load(src1 + col, mask=mask_c)
+        y3 = tl.load(src3 + (L - 1 - col), mask=mask_c)
+        y1 = tl.reshape(
+            tl.permute(tl.reshape(y1, (BLOCK_D, BLOCK_W, BLOCK_H)), (0, 2, 1)),
+            (BLOCK_D, BLOCK_H * BLOCK_W),
+        )
+        y3 = tl.reshape(
+            tl.permute(tl.reshape(y3, (BLOCK_D, BLOCK_W, BLOCK_H)), (0, 2, 1)),
+            (BLOCK_D, BLOCK_H * BLOCK_W),
+        )
         # Half-precision routes are summed in fp32 and rounded once; float64 stays float64.
         if ACC_F64:
             acc = ((y0 + y1) + y2) + y3

@@ -32,26 +32,26 @@ def _chunk_size(length: int) -> int:
     return max(1, math.ceil(math.sqrt(length)))
 
 
-def _discretize(
-    delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool
-) -> Tuple[Tensor, Tensor]:
-    """Returns (dt, pre): dt = softplus(delta + bias) in fp32 and the pre-softplus values."""
-    pre = delta.float()
-    if delta_bias is not None:
-        pre = pre + delta_bias.float()[None, :, None]
-    dt = F.softplus(pre) if delta_softplus else pre  # threshold 20, as in the kernels
-    return dt, pre
+def _softplus(x: Tensor) -> Tensor:
+    """softplus with the kernels' threshold 20 (log1p(exp(v)) for v <= 20, else v)."""
+    return F.softplus(x)
 
 
 def _pad_time(x: Tensor, padded: int) -> Tensor:
-    """Zero-pads the last (time) axis. Padded steps have dt = 0, so a = 1 and x = 0 there."""
+    """Zero-pads the last (time) axis to ``padded`` steps."""
     extra = padded - x.shape[-1]
     return F.pad(x, (0, extra)) if extra else x
 
 
-def _to_chunks(x: Tensor, chunk: int) -> Tensor:
-    """[b, ..., nc*T] -> view [T, b, ..., nc] (time-in-chunk first, chunk index last)."""
-    return x.unflatten(-1, (-1, chunk)).movedim(-1, 0)
+def _compute_dtype(u: Tensor) -> torch.dtype:
+    """float32 for fp32/bf16/fp16 inputs; float64 inputs (gradcheck) stay in float64."""
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _to_chunks(x: Tensor, chunk: int, padded: int, dtype: torch.dtype) -> Tensor:
+    """[b, ..., L] -> fresh contiguous [T, b, ..., nc] (time-in-chunk first, chunk index last)."""
+    x = _pad_time(x, padded).unflatten(-1, (-1, chunk)).movedim(-1, 0)
+    return x.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def _from_chunks(x: Tensor, length: int) -> Tensor:
@@ -60,7 +60,11 @@ def _from_chunks(x: Tensor, length: int) -> Tensor:
 
 
 class _Prepared:
-    """fp32, padded, chunk-laid-out views of the inputs shared by the forward and the backward."""
+    """fp32 (fp64 for fp64 inputs), padded, chunk-laid-out inputs shared by forward and backward.
+
+    Every [.., L] tensor is held as [T, b, .., nc], so the per-step slices of the scan loops and
+    all elementwise passes run over contiguous memory.
+    """
 
     def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus):
         batch, channels, length = u.shape
@@ -68,16 +72,21 @@ class _Prepared:
         self.shape = (batch, channels, length, groups, channels // groups, d_state)
         self.chunk = chunk = _chunk_size(length)
         self.n_chunks = math.ceil(length / chunk)
-        padded = chunk * self.n_chunks
-        self.dt, self.pre = _discretize(delta, delta_bias, delta_softplus)  # [b, K*D, L]
-        self.u = u.float()
-        self.dtu = self.dt * self.u  # [b, K*D, L]
-        self.A = A.float()
-        # Chunk layouts: [T, b, K*D, nc] for per-channel values, [T, b, K, 1, N, nc] for B and C.
-        self.dt_l = _to_chunks(_pad_time(self.dt, padded), chunk)
-        self.dtu_l = _to_chunks(_pad_time(self.dtu, padded), chunk)
-        self.B_l = _to_chunks(_pad_time(B.float(), padded), chunk).unsqueeze(3)
-        self.C_l = _to_chunks(_pad_time(C.float(), padded), chunk).unsqueeze(3)
+        self.padded = padded = chunk * self.n_chunks
+        self.dtype = dtype = _compute_dtype(u)
+        self.A = A.to(dtype)
+        self.u_l = _to_chunks(u, chunk, padded, dtype)  # [T, b, K*D, nc]
+        dt = _to_chunks(delta, chunk, padded, dtype)
+        if delta_bias is not None:
+            dt.add_(delta_bias.to(dtype)[None, None, :, None])
+        if delta_softplus:
+            dt = _softplus(dt)
+        # Padded steps must be exact no-ops: dt = 0 gives a = 1 and x = 0.
+        dt[length - (self.n_chunks - 1) * chunk :, ..., -1] = 0
+        self.dt_l = dt  # [T, b, K*D, nc]
+        self.dtu_l = dt * self.u_l
+        self.B_l = _to_chunks(B, chunk, padded, dtype).unsqueeze(3)  # [T, b, K, 1, N, nc]
+        self.C_l = _to_chunks(C, chunk, padded, dtype).unsqueeze(3)
 
     def grouped(self, x: Tensor) -> Tensor:
         """[T, b, K*D, N, nc] -> view [T, b, K, D, N, nc] (channel c belongs to group c // D)."""
@@ -90,9 +99,8 @@ class _Prepared:
 
     def new_state_buffer(self) -> Tensor:
         batch, channels, _, _, _, d_state = self.shape
-        return torch.empty(
-            self.chunk, batch, channels, d_state, self.n_chunks, device=self.u.device
-        )
+        shape = (self.chunk, batch, channels, d_state, self.n_chunks)
+        return torch.empty(shape, dtype=self.dtype, device=self.u_l.device)
 
     def decays(self) -> Tensor:
         """a = exp(dt * A) in chunk layout, [T, b, K*D, N, nc]."""
@@ -126,7 +134,11 @@ def _forward_states(prep: _Prepared, a: Tensor) -> Tensor:
 
 
 def _reverse_adjoint(prep: _Prepared, a: Tensor, g: Tensor) -> Tensor:
-    """Turns g = C * dy (chunk layout) in place into the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}."""
+    """Turns g = C * dy (chunk layout), in place, into the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}.
+
+    Returns:
+        g, [T, b, K*D, N, nc].
+    """
     for t in range(prep.chunk - 2, -1, -1):
         g[t].addcmul_(a[t + 1], g[t + 1])
     if prep.n_chunks > 1:
@@ -171,7 +183,8 @@ def torch_scan_forward(
         delta_softplus: apply softplus to delta + delta_bias.
 
     Returns:
-        (y, saved): y is fp32 [batch, K*D, L]; saved is an empty list (the backward recomputes).
+        (y, saved): y is fp32 [batch, K*D, L] (fp64 for fp64 inputs); saved is an empty list
+        (the backward recomputes).
     """
     prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
     length = prep.shape[2]
@@ -182,8 +195,26 @@ def torch_scan_forward(
     torch.mul(prep.grouped(h), prep.C_l, out=prod)
     y = _from_chunks(_sum_states(prep, prod).flatten(2, 3), length)  # [b, K*D, L]
     if D is not None:
-        y = y.addcmul_(prep.u, D.float()[None, :, None])
+        y = y.addcmul_(u.to(prep.dtype), D.to(prep.dtype)[None, :, None])
     return y, []
+
+
+def torch_scan_forward_fake(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+) -> Tuple[Tensor, List[Tensor]]:
+    """Shape-only twin of ``torch_scan_forward`` for fake/meta tensors (torch.library tracing).
+
+    Returns:
+        (y, saved): an empty fp32 [batch, K*D, L] tensor and an empty list.
+    """
+    return u.new_empty(u.shape, dtype=_compute_dtype(u)), []
 
 
 def torch_scan_backward(
@@ -211,18 +242,17 @@ def torch_scan_backward(
         or None when the input was None.
     """
     prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
-    batch, channels, length, groups, per_group, d_state = prep.shape
-    padded = prep.chunk * prep.n_chunks
-    dy = dy.float()
-    dy_l = prep.per_group(_to_chunks(_pad_time(dy, padded), prep.chunk))  # [T, b, K, D, 1, nc]
+    length, d_state = prep.shape[2], prep.shape[5]
+    dy_l = _to_chunks(dy, prep.chunk, prep.padded, prep.dtype)  # [T, b, K*D, nc]
+    dy_g = prep.per_group(dy_l)  # [T, b, K, D, 1, nc]
 
     a = prep.decays()
     h = _forward_states(prep, a)
     g = prep.new_state_buffer()
     # dC = sum over the group's channels of dy * h (g's buffer is scratch until it holds g).
-    torch.mul(prep.grouped(h), dy_l, out=prep.grouped(g))
+    torch.mul(prep.grouped(h), dy_g, out=prep.grouped(g))
     dC_l = prep.grouped(g).sum(3)  # [T, b, K, N, nc]
-    torch.mul(prep.C_l, dy_l, out=prep.grouped(g))
+    torch.mul(prep.C_l, dy_g, out=prep.grouped(g))
     _reverse_adjoint(prep, a, g)
 
     # Gradient w.r.t. the log-decay dt*A: g_t * a_t * h_{t-1}, with h_{t-1} read from the
@@ -235,24 +265,26 @@ def torch_scan_backward(
     torch.mul(dlog, prep.dt_l.unsqueeze(3), out=scratch)
     dA = scratch.sum((0, 1, 4))  # [K*D, N]
     torch.mul(dlog, prep.A[None, None, :, :, None], out=scratch)
-    ddt_l = scratch.squeeze(3) if d_state == 1 else scratch.sum(3)  # [T, b, K*D, nc]
-    ddt = _from_chunks(ddt_l, length)
+    ddt_l = scratch.squeeze(3).clone() if d_state == 1 else scratch.sum(3)  # [T, b, K*D, nc]
 
     torch.mul(prep.grouped(g), prep.per_group(prep.dtu_l), out=prep.grouped(scratch))
     dB_l = prep.grouped(scratch).sum(3)  # [T, b, K, N, nc]
     torch.mul(prep.grouped(g), prep.B_l, out=prep.grouped(dlog))
-    ddtu = _from_chunks(_sum_states(prep, prep.grouped(dlog)).flatten(2, 3), length)
+    ddtu_l = _sum_states(prep, prep.grouped(dlog)).flatten(2, 3)  # [T, b, K*D, nc]
 
-    du = ddtu * prep.dt
-    ddt.addcmul_(ddtu, prep.u)
+    du_l = ddtu_l * prep.dt_l
+    ddt_l.addcmul_(ddtu_l, prep.u_l)
     dD = None
     if D is not None:
-        du.addcmul_(dy, D.float()[None, :, None])
-        dD = (dy * prep.u).sum((0, 2))
+        du_l.addcmul_(dy_l, D.to(prep.dtype)[None, None, :, None])
+        dD = (dy_l * prep.u_l).sum((0, 1, 3))
     if delta_softplus:
-        # d softplus(v)/dv = sigmoid(v), and 1 above the threshold where softplus(v) = v.
-        ddt = ddt * torch.where(prep.pre > 20, torch.ones_like(prep.pre), torch.sigmoid(prep.pre))
-    ddelta_bias = ddt.sum((0, 2)) if delta_bias is not None else None
+        # d softplus(v)/dv = sigmoid(v) = 1 - exp(-softplus(v)), read from dt itself; above the
+        # threshold (dt = v > 20) it rounds to 1 in fp32, as the thresholded derivative does.
+        ddt_l.mul_(torch.expm1(prep.dt_l.neg()).neg_())
+    ddelta_bias = ddt_l.sum((0, 1, 3)) if delta_bias is not None else None
+    du = _from_chunks(du_l, length).to(u.dtype)
+    ddelta = _from_chunks(ddt_l, length).to(delta.dtype)
     dB = _from_chunks(dB_l, length).to(B.dtype)
     dC = _from_chunks(dC_l, length).to(C.dtype)
-    return du.to(u.dtype), ddt.to(delta.dtype), dA, dB, dC, dD, ddelta_bias
+    return du, ddelta, dA, dB, dC, dD, ddelta_bias

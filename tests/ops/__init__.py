@@ -1,0 +1,1 @@
+"""Tests of the selective-scan and cross-scan operators."""

@@ -1,0 +1,191 @@
+"""The "torch" selective-scan backend against the naive reference: output and every gradient."""
+
+import pytest
+import torch
+
+from vmamba_mm.ops.selective_scan import selective_scan, selective_scan_naive
+from vmamba_mm.ops.selective_scan.torch_scan import (
+    torch_scan_backward,
+    torch_scan_forward,
+    torch_scan_forward_fake,
+)
+
+GRAD_NAMES = ("du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias")
+# Tolerances as mamba_ssm's tests use them; atol is relative to the reference's largest entry,
+# since gradients are sums over many steps.
+TOLERANCES = {
+    torch.float32: (6e-4, 2e-3),
+    torch.bfloat16: (3e-2, 5e-2),
+    torch.float16: (3e-3, 5e-3),
+}
+
+
+def make_inputs(
+    batch, groups, per_group, length, d_state, *, with_D, with_bias, softplus,
+    dtype=torch.float32, seed=0,
+):
+    """Random scan inputs shaped like VMamba's: A = -exp(.), positive time steps."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = groups * per_group
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    if softplus:
+        delta = randn(batch, channels, length) * 0.5 - 1.0
+    else:
+        delta = torch.rand(batch, channels, length, generator=gen) * 0.5
+    inputs = {
+        "u": randn(batch, channels, length).to(dtype),
+        "delta": delta.to(dtype),
+        "A": -torch.exp(torch.rand(channels, d_state, generator=gen) * 2.0 - 1.0),
+        "B": randn(batch, groups, d_state, length).to(dtype),
+        "C": randn(batch, groups, d_state, length).to(dtype),
+        "D": randn(channels) if with_D else None,
+        "delta_bias": (torch.rand(channels, generator=gen) * 0.2) if with_bias else None,
+    }
+    return inputs, softplus
+
+
+def grads_of(fn, inputs, softplus, dy):
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
+    args = {k: leaves.get(k) for k in inputs}
+    y = fn(**args, delta_softplus=softplus)
+    names = list(leaves)
+    grads = torch.autograd.grad(y, [leaves[k] for k in names], dy)
+    return y, dict(zip(names, grads))
+
+
+def assert_close(actual, expected, rtol, atol, what):
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    actual, expected = actual.double(), expected.double()
+    scale = max(expected.abs().max().item(), 1.0)
+    err = (actual - expected).abs() - rtol * expected.abs()
+    worst = err.max().item()
+    assert worst <= atol * scale, f"{what}: max error {worst:.3g} > {atol * scale:.3g}"
+
+
+def torch_backend(**kw):
+    return selective_scan(**kw, backend="torch")
+
+
+# (batch, length, d_state, with_D, with_bias, softplus): every L in the issue's list appears with
+# both state sizes, and the optional inputs are switched on and off across the cases.
+CASES = [
+    (1, 1, 1, True, True, True),
+    (2, 1, 16, False, False, False),
+    (2, 2, 1, False, True, True),
+    (1, 2, 16, True, False, True),
+    (1, 63, 1, True, False, False),
+    (2, 63, 16, True, True, True),
+    (2, 100, 1, True, True, True),
+    (1, 100, 16, False, True, False),
+    (2, 257, 1, False, False, True),
+    (1, 257, 16, True, True, True),
+]
+
+
+@pytest.mark.parametrize("batch,length,d_state,with_D,with_bias,softplus", CASES)
+def test_torch_backend_matches_naive_output_and_every_gradient(
+    batch, length, d_state, with_D, with_bias, softplus
+):
+    inputs, softplus = make_inputs(
+        batch, 4, 3, length, d_state, with_D=with_D, with_bias=with_bias, softplus=softplus
+    )
+    dy = torch.randn(batch, 12, length, generator=torch.Generator().manual_seed(1))
+    y_ref, g_ref = grads_of(selective_scan_naive, inputs, softplus, dy)
+    y, g = grads_of(torch_backend, inputs, softplus, dy)
+    rtol, atol = TOLERANCES[torch.float32]
+    assert_close(y, y_ref, rtol, atol, "y")
+    assert set(g) == set(g_ref) and len(g) == 5 + with_D + with_bias
+    for name in g_ref:
+        assert_close(g[name], g_ref[name], rtol, atol, "d" + name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("length,d_state", [(63, 16), (100, 1)])
+def test_torch_backend_low_precision_inputs_match_naive(dtype, length, d_state):
+    inputs, softplus = make_inputs(
+        2, 4, 3, length, d_state, with_D=True, with_bias=True, softplus=True, dtype=dtype
+    )
+    dy = torch.randn(2, 12, length, generator=torch.Generator().manual_seed(2))
+    y_ref, g_ref = grads_of(selective_scan_naive, inputs, softplus, dy)
+    y, g = grads_of(torch_backend, inputs, softplus, dy)
+    assert y.dtype == torch.float32
+    rtol, atol = TOLERANCES[dtype]
+    assert_close(y, y_ref, rtol, atol, "y")
+    for name in g_ref:
+        assert g[name].dtype == inputs[name].dtype
+        assert_close(g[name], g_ref[name], rtol, atol, "d" + name)
+
+
+class _TorchScan(torch.autograd.Function):
+    """The backend's two functions wired as an autograd Function (float64 gradcheck)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, softplus):
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
+        ctx.softplus = softplus
+        y, saved = torch_scan_forward(u, delta, A, B, C, D, delta_bias, softplus)
+        assert not saved
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (*torch_scan_backward(dy, *ctx.saved_tensors, ctx.softplus), None)
+
+
+@pytest.mark.parametrize("batch,length,d_state,softplus", [(2, 7, 3, True), (1, 10, 1, False)])
+def test_torch_backend_float64_gradcheck(batch, length, d_state, softplus):
+    inputs, softplus = make_inputs(
+        batch, 2, 3, length, d_state, with_D=True, with_bias=True, softplus=softplus,
+        dtype=torch.float64,
+    )
+    args = [
+        inputs[k].double().requires_grad_()
+        for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")
+    ]
+    assert torch.autograd.gradcheck(
+        lambda *a: _TorchScan.apply(*a, softplus), args, eps=1e-6, atol=1e-5, fast_mode=True
+    )
+
+
+def test_torch_backend_is_finite_and_exact_on_long_sequences_with_vanishing_decay():
+    """L = 16384 with decays that underflow to exactly 0 and others that barely decay."""
+    length = 16384
+    inputs, softplus = make_inputs(
+        1, 4, 1, length, 16, with_D=True, with_bias=True, softplus=True, seed=3
+    )
+    A = -torch.exp(torch.linspace(-6.0, 6.0, 4 * 16)).view(4, 16)  # from -0.0025 to -403
+    A[0, 0] = 0.0  # no decay at all
+    inputs["A"] = A
+    inputs["delta"] = inputs["delta"] * 4 + 6  # time steps up to ~10: exp(dt * A) hits 0
+    dy = torch.randn(1, 4, length, generator=torch.Generator().manual_seed(4))
+    y, g = grads_of(torch_backend, inputs, softplus, dy)
+    assert bool(torch.isfinite(y).all())
+    for name, grad in g.items():
+        assert bool(torch.isfinite(grad).all()), f"d{name} is not finite"
+    with torch.no_grad():
+        y_ref = selective_scan_naive(**inputs, delta_softplus=softplus)
+    assert_close(y, y_ref, *TOLERANCES[torch.float32], "y")
+
+
+def test_torch_backend_forward_and_fake_agree_on_shape_and_dtype():
+    inputs, softplus = make_inputs(2, 4, 3, 37, 4, with_D=True, with_bias=False, softplus=True)
+    y, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
+    meta = {k: (v.to("meta") if v is not None else None) for k, v in inputs.items()}
+    y_fake, saved_fake = torch_scan_forward_fake(**meta, delta_softplus=softplus)
+    assert y.shape == y_fake.shape == (2, 12, 37)
+    assert y.dtype == y_fake.dtype == torch.float32
+    assert list(saved) == list(saved_fake) == []
+
+
+def test_torch_backend_does_not_modify_its_inputs():
+    inputs, softplus = make_inputs(1, 4, 2, 30, 16, with_D=True, with_bias=True, softplus=True)
+    before = {k: v.clone() for k, v in inputs.items()}
+    dy = torch.randn(1, 8, 30)
+    y, _ = torch_scan_forward(**inputs, delta_softplus=softplus)
+    torch_scan_backward(dy, *inputs.values(), softplus)
+    for name, value in inputs.items():
+        assert torch.equal(value, before[name]), f"{name} was modified"

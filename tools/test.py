@@ -1,0 +1,186 @@
+"""Evaluate a checkpoint of a detector or segmentor (MMDetection or MMSegmentation by default_scope).
+
+Usage::
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE_OR_DIR] [--show-dir DIR]
+                                           [--show] [--wait-time S] [--tta]
+                                           [--cfg-options key=value ...] [--launcher ...]
+
+Flags behave as in the toolbox the config belongs to: for detection ``--out`` is a ``.pkl`` file
+of raw predictions and ``--show-dir`` is created under ``<work_dir>/<timestamp>/``; for
+segmentation ``--out`` is a directory of predicted label PNGs and ``--show-dir`` receives the
+drawn pictures under ``vis_data/vis_image``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from _mm_common import (
+    build_runner,
+    check_data,
+    init_toolbox,
+    load_config,
+    prepare_launcher,
+    set_work_dir,
+    toolbox_of,
+)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    from mmengine.config import DictAction
+
+    parser = argparse.ArgumentParser(description="Test (and evaluate) a VMamba model.")
+    parser.add_argument("config", help="test config file path")
+    parser.add_argument("checkpoint", help="checkpoint file")
+    parser.add_argument(
+        "--work-dir", help="the directory to save the file containing evaluation metrics"
+    )
+    parser.add_argument(
+        "--out",
+        type=str,
+        help="detection: pickle file for the raw predictions; segmentation: directory for the "
+        "predicted label maps",
+    )
+    parser.add_argument("--show", action="store_true", help="show prediction results")
+    parser.add_argument(
+        "--show-dir",
+        help="directory where painted images will be saved (detection: relative to "
+        "<work_dir>/<timestamp>/)",
+    )
+    parser.add_argument("--wait-time", type=float, default=2, help="the interval of show (s)")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation")
+    parser.add_argument(
+        "--cfg-options",
+        nargs="+",
+        action=DictAction,
+        help="override settings of the config, key=value",
+    )
+    parser.add_argument(
+        "--launcher", choices=["none", "pytorch", "slurm"], default="none", help="job launcher"
+    )
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = parser.parse_args(argv)
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    return args
+
+
+def _enable_visualization(cfg, args: argparse.Namespace, scope: str) -> None:
+    hooks = cfg.get("default_hooks") or {}
+    if "visualization" not in hooks:
+        raise ValueError(
+            "--show/--show-dir need a visualization hook in the config: default_hooks = "
+            "dict(visualization=dict(type='DetVisualizationHook' or 'SegVisualizationHook'))."
+        )
+    hook = hooks["visualization"]
+    hook["draw"] = True
+    if args.show:
+        hook["show"] = True
+        hook["wait_time"] = args.wait_time
+    if args.show_dir:
+        if scope == "mmdet":
+            hook["test_out_dir"] = args.show_dir
+        else:
+            cfg.visualizer["save_dir"] = args.show_dir
+
+
+def _enable_tta(cfg, scope: str) -> None:
+    if scope == "mmdet":
+        roi_head = cfg.model.get("roi_head") or {}
+        if roi_head.get("mask_head") is not None:
+            raise ValueError(
+                "--tta: mmdet's DetTTAModel merges boxes only and refuses instance masks; test "
+                "Mask R-CNN configs without --tta."
+            )
+        if "tta_model" not in cfg:
+            cfg.tta_model = dict(
+                type="DetTTAModel",
+                tta_cfg=dict(nms=dict(type="nms", iou_threshold=0.5), max_per_img=100),
+            )
+        if "tta_pipeline" not in cfg:
+            pipeline = [dict(t) for t in cfg.test_dataloader.dataset.pipeline]
+            # Plain and horizontally flipped views of the test pipeline's last step.
+            cfg.tta_pipeline = pipeline[:-1] + [
+                dict(
+                    type="TestTimeAug",
+                    transforms=[
+                        [
+                            dict(type="RandomFlip", prob=1.0),
+                            dict(type="RandomFlip", prob=0.0),
+                        ],
+                        [dict(pipeline[-1], meta_keys=(
+                            "img_id", "img_path", "ori_shape", "img_shape", "scale_factor",
+                            "flip", "flip_direction"))],
+                    ],
+                )
+            ]
+    else:
+        if "tta_model" not in cfg:
+            cfg.tta_model = dict(type="SegTTAModel")
+        if "tta_pipeline" not in cfg:
+            raise ValueError(
+                "--tta needs `tta_pipeline` in the config (a TestTimeAug pipeline such as the "
+                "one in mmseg's ADE20K dataset config)."
+            )
+    cfg.model = dict(cfg.tta_model, module=cfg.model)
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+
+
+def setup_config(args: argparse.Namespace):
+    """Builds the test config from the command line.
+
+    Returns:
+        The mmengine ``Config`` ready for the Runner.
+    """
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(
+            f"checkpoint {args.checkpoint} does not exist; pass a file written by tools/train.py "
+            "(e.g. work_dirs/<config name>/iter_N.pth)."
+        )
+    cfg = load_config(args.config, args.cfg_options)
+    scope = toolbox_of(cfg)
+    init_toolbox(scope)
+    set_work_dir(cfg, args.work_dir, args.config)
+    cfg.load_from = args.checkpoint
+    if args.show or args.show_dir:
+        _enable_visualization(cfg, args, scope)
+    if args.tta:
+        _enable_tta(cfg, scope)
+    if args.out is not None:
+        if scope == "mmdet":
+            if not args.out.endswith((".pkl", ".pickle")):
+                raise ValueError(f"--out {args.out}: the output file must be a .pkl file.")
+        else:
+            cfg.test_evaluator["output_dir"] = args.out
+            cfg.test_evaluator["keep_results"] = True
+    check_data(cfg, ["test_dataloader"])
+    prepare_launcher(cfg, args.launcher)
+    return cfg
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Evaluates a checkpoint; errors in the command line or the data exit with a message.
+
+    Returns:
+        The metrics, e.g. ``{"coco/bbox_mAP": 0.61, ...}`` or ``{"mIoU": 78.2, ...}``.
+    """
+    args = parse_args(argv)
+    try:
+        cfg = setup_config(args)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        sys.exit(f"error: {err}")
+    runner = build_runner(cfg)
+    if args.out is not None and toolbox_of(cfg) == "mmdet":
+        from mmdet.evaluation import DumpDetResults
+
+        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+    return runner.test()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""Safe, loud loading of VMamba checkpoints into the backbone.
+
+Reads three kinds of files:
+
+* official classification checkpoints: weights under ``"model"`` (and maybe ``"model_ema"``) next
+  to a pickled yacs config under ``"config"``;
+* mmdet / mmseg checkpoints: ``"state_dict"`` whose backbone keys start with ``"backbone."``;
+* plain state_dicts.
+
+Pickled code is never executed. Files are first read with torch's weights-only loader; if that
+refuses a global (such as the yacs ``CfgNode`` class), the file is read again by a restricted
+unpickler that rebuilds tensors and plain containers and turns every other global into an inert
+``SkippedObject`` that records what it stood for. What was skipped is reported.
+
+Loading is strict: missing or unexpected backbone keys and shape mismatches raise
+``CheckpointMismatchError`` listing them. The classifier head of a classification checkpoint and
+the ``outnorm{i}`` layers it lacks are expected and only reported at info level.
+"""
+
+import io
+import logging
+import os
+import pickle
+import re
+import sys
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger("vmamba_mm")
+
+# Renames from the first public VMamba code (Jan 2024) to the current names, applied to key
+# prefixes the way the official loader does.
+OLD_KEY_RENAMES: Tuple[Tuple[str, str], ...] = (
+    (r"^patch_embed\.proj\.", "patch_embed.0."),
+    (r"^patch_embed\.norm\.", "patch_embed.2."),
+    (r"^(layers\.\d+\.blocks\.\d+\.)ln_1\.", r"\1norm."),
+    (r"^(layers\.\d+\.blocks\.\d+\.)self_attention\.", r"\1op."),
+    (r"^norm\.", "classifier.norm."),
+    (r"^head\.", "classifier.head."),
+)
+
+# Keys a classification checkpoint carries that the backbone does not have.
+IGNORED_UNEXPECTED_PREFIXES = ("classifier.",)
+# Keys the backbone has that a classification checkpoint does not (they keep their init).
+IGNORED_MISSING_PREFIXES = ("outnorm",)
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's backbone keys or shapes do not match the model."""
+
+
+class SkippedObject(dict):
+    """An inert stand-in for a pickled object whose class is not allowed to load.
+
+    It records how the pickle tried to build it (``pickled_name``, ``args``, ``state``, items) and
+    never runs any code of the original class or function.
+    """
+
+    pickled_name = "<unknown>"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.__dict__["args"] = args
+        self.__dict__["kwargs"] = kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["state"] = state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "SkippedObject":
+        return type(self)(*args, **kwargs)
+
+    def append(self, item: Any) -> None:
+        self.__dict__.setdefault("items", []).append(item)
+
+    def extend(self, items: Any) -> None:
+        self.__dict__.setdefault("items", []).extend(items)
+
+    def __repr__(self) -> str:
+        return f"<skipped pickled object {self.pickled_name}>"
+
+
+def _allowed_globals() -> Dict[str, Any]:
+    # torch's own allow-list for weights-only loading: tensor rebuild functions, storage types,
+    # dtypes, OrderedDict, torch.Size and similar plain types.
+    from torch import _weights_only_unpickler
+
+    return dict(_weights_only_unpickler._get_allowed_globals())
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str) -> None:
+        super().__init__(io.BytesIO(data))
+        self._archive = archive
+        self._root = root
+        self._allowed = _allowed_globals()
+        self._placeholders: Dict[str, type] = {}
+        self._storages: Dict[str, Any] = {}
+
+    @property
+    def skipped(self) -> List[str]:
+        return sorted(self._placeholders)
+
+    def find_class(self, module: str, name: str) -> Any:
+        full_name = f"{module}.{name}"
+        if full_name in self._allowed:
+            return self._allowed[full_name]
+        if full_name not in self._placeholders:
+            self._placeholders[full_name] = type(
+                "SkippedObject", (SkippedObject,), {"pickled_name": full_name})
+        return self._placeholders[full_name]
+
+    def persistent_load(self, saved_id: Any) -> Any:
+        if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {saved_id!r} in checkpoint")
+        _, storage_type, key, _location, _numel = saved_id
+        if key not in self._storages:
+            if storage_type is torch.UntypedStorage:
+                dtype = torch.uint8
+            elif isinstance(getattr(storage_type, "dtype", None), torch.dtype):
+                # torch.FloatStorage & co., or the StorageType stand-ins of torch's allow-list.
+                dtype = storage_type.dtype
+            else:
+                raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
+            raw = self._archive.read(f"{self._root}data/{key}")
+            if raw:
+                untyped = torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage()
+            else:
+                untyped = torch.UntypedStorage(0)
+            self._storages[key] = torch.storage.TypedStorage(
+                wrap_storage=untyped, dtype=dtype, _internal=True)
+        return self._storages[key]
+
+
+def _restricted_load(path: str) -> Tuple[Any, List[str]]:
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} is not a zip-format torch checkpoint and cannot be read safely; re-save it with "
+            "torch.save (torch >= 1.6) from a trusted environment.")
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise ValueError(f"{path} does not look like a torch.save checkpoint (no data.pkl).")
+        root = pickles[0][: -len("data.pkl")]
+        if f"{root}byteorder" in archive.namelist():
+            order = archive.read(f"{root}byteorder").decode().strip()
+            if order != sys.byteorder:
+                raise ValueError(f"{path} was saved on a {order}-endian machine; re-save it here.")
+        unpickler = _RestrictedUnpickler(archive.read(pickles[0]), archive, root)
+        obj = unpickler.load()
+        return obj, unpickler.skipped
+
+
+def _download(url: str) -> str:
+    cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
+    os.makedirs(cache_dir, exist_ok=True)
+    target = os.path.join(cache_dir, os.path.basename(urlparse(url).path))
+    if not os.path.exists(target):
+        torch.hub.download_url_to_file(url, target, progress=True)
+    return target
+
+
+def safe_load(path_or_url: str) -> Tuple[Any, List[str]]:
+    """Loads a checkpoint onto the CPU without executing pickled code.
+
+    Args:
+        path_or_url: a local file, or an http(s) URL (downloaded once into torch's hub cache).
+
+    Returns:
+        (checkpoint object, sorted names of the pickled globals replaced by ``SkippedObject``;
+        empty when torch's weights-only loader accepted the file as it is).
+    """
+    if not isinstance(path_or_url, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a path or URL string, got {type(path_or_url).__name__}.")
+    path = os.fspath(path_or_url)
+    scheme = urlparse(path).scheme
+    if scheme in ("http", "https"):
+        path = _download(path)
+    elif scheme and len(scheme) > 1:
+        raise ValueError(
+            f"checkpoint {path!r}: only local paths and http(s) URLs are supported; download the "
+            "file first.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file {path!r} does not exist; check the path.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), []
+    except pickle.UnpicklingError:
+        # Typically the pickled yacs config of official classification checkpoints.
+        pass
+    obj, skipped = _restricted_load(path)
+    _log(f"checkpoint {path}: replaced pickled objects of these non-weight types with inert "
+         f"placeholders (their code was not run): {', '.join(skipped)}", logging.INFO)
+    return obj, skipped
+
+
+def extract_state_dict(checkpoint: Any, use_ema: bool = False) -> "OrderedDict[str, torch.Tensor]":
+    """Finds the weights inside a loaded checkpoint.
+
+    Args:
+        checkpoint: what ``safe_load`` returned.
+        use_ema: take ``"model_ema"`` instead of ``"model"`` from an official classification
+            checkpoint.
+
+    Returns:
+        The state_dict (tensors only), keys unchanged.
+    """
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint holds a {type(checkpoint).__name__}, not a dict of weights.")
+    if use_ema:
+        if "model_ema" not in checkpoint:
+            raise ValueError(
+                "use_ema=True but the checkpoint has no 'model_ema' entry (top-level keys: "
+                f"{sorted(checkpoint)}); load with use_ema=False.")
+        state = checkpoint["model_ema"]
+    elif "state_dict" in checkpoint:
+        state = checkpoint["state_dict"]
+    elif "model" in checkpoint:
+        state = checkpoint["model"]
+    elif "model_ema" in checkpoint:
+        state = checkpoint["model_ema"]
+    else:
+        state = checkpoint
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint weights are a {type(state).__name__}, not a state_dict.")
+    tensors = OrderedDict((k, v) for k, v in state.items() if isinstance(v, torch.Tensor))
+    if not tensors:
+        raise ValueError(
+            f"no tensors found in the checkpoint (keys: {sorted(state)[:20]}); is it a weights "
+            "file?")
+    return tensors
+
+
+def convert_official_keys(
+    state_dict: Dict[str, torch.Tensor], prefix: Optional[str] = None
+) -> "OrderedDict[str, torch.Tensor]":
+    """Selects the backbone keys and renames old official names to the current ones.
+
+    Args:
+        state_dict: raw weights.
+        prefix: keep only keys starting with this and strip it (e.g. "backbone." for a detector
+            checkpoint). None: strip "backbone." automatically when present, and DDP's "module.".
+
+    Returns:
+        The backbone state_dict with current official names (spec: ``patch_embed.0``,
+        ``layers.{i}.blocks.{j}.norm/op``, ``classifier.*``).
+    """
+    if prefix is None:
+        keys = list(state_dict)
+        if keys and all(k.startswith("module.") for k in keys):
+            state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+        if any(k.startswith("backbone.") for k in state_dict):
+            prefix = "backbone."
+    if prefix:
+        selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not selected:
+            raise ValueError(
+                f"no checkpoint key starts with prefix {prefix!r}; first keys: "
+                f"{list(state_dict)[:5]}. Fix or drop `prefix`.")
+        state_dict = selected
+    converted: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for key, value in state_dict.items():
+        if key == "pos_embed":
+            _log("checkpoint: dropped 'pos_embed' (VMamba uses no position embedding).",
+                 logging.INFO)
+            continue
+        for pattern, replacement in OLD_KEY_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        converted[key] = value
+    return converted
+
+
+@dataclass
+class LoadReport:
+    """What ``load_backbone_checkpoint`` did.
+
+    Attributes:
+        ignored_unexpected: checkpoint keys dropped as expected (the classifier).
+        ignored_missing: model keys the checkpoint lacked as expected (``outnorm{i}``).
+        skipped_pickled: pickled non-weight globals replaced by inert placeholders.
+    """
+
+    ignored_unexpected: List[str] = field(default_factory=list)
+    ignored_missing: List[str] = field(default_factory=list)
+    skipped_pickled: List[str] = field(default_factory=list)
+
+
+def _stage_summary(keys: List[str]) -> str:
+    depths: Dict[int, int] = {}
+    for key in keys:
+        match = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key)
+        if match:
+            stage, block = int(match.group(1)), int(match.group(2))
+            depths[stage] = max(depths.get(stage, 0), block + 1)
+    return str([depths[i] for i in sorted(depths)])
+
+
+def _format_keys(keys: List[str], limit: int = 30) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def match_state_dict(
+    model: nn.Module, state_dict: Dict[str, torch.Tensor]
+) -> Tuple["OrderedDict[str, torch.Tensor]", LoadReport]:
+    """Checks a converted state_dict against the model, strictly.
+
+    Args:
+        model: the backbone.
+        state_dict: output of ``convert_official_keys``.
+
+    Returns:
+        (the state_dict to load, with the expected extra keys removed and (out, in, 1, 1) linear
+        weights reshaped to (out, in); the report of what was ignored).
+
+    Raises:
+        CheckpointMismatchError: listing missing keys, unexpected keys and shape mismatches.
+    """
+    expected = model.state_dict()
+    report = LoadReport()
+    to_load: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    unexpected, mismatched = [], []
+    for key, value in state_dict.items():
+        if key not in expected:
+            if key.startswith(IGNORED_UNEXPECTED_PREFIXES):
+                report.ignored_unexpected.append(key)
+            else:
+                unexpected.append(key)
+            continue
+        target = expected[key].shape
+        if value.shape != target and value.dim() == 4 and value.shape[2:] == (1, 1) \
+                and value.shape[:2] == target:
+            value = value.reshape(target)
+        if value.shape != target:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target)}")
+            continue
+        to_load[key] = value
+    missing = []
+    for key in expected:
+        if key not in state_dict:
+            (report.ignored_missing if key.startswith(IGNORED_MISSING_PREFIXES) else missing
+             ).append(key)
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_format_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_format_keys(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches ({len(mismatched)}): {_format_keys(mismatched)}")
+        raise CheckpointMismatchError(
+            "the checkpoint does not fit this backbone; " + "; ".join(parts) + ". Blocks per "
+            f"stage: checkpoint {_stage_summary(list(state_dict))}, model "
+            f"{_stage_summary(list(expected))}. Choose the `arch` the checkpoint was trained with.")
+    return to_load, report
+
+
+def load_backbone_checkpoint(
+    model: nn.Module,
+    checkpoint: str,
+    prefix: Optional[str] = None,
+    use_ema: bool = False,
+) -> LoadReport:
+    """Loads official VMamba / mmdet / mmseg / plain weights into a VMamba backbone, strictly.
+
+    Args:
+        model: the backbone.
+        checkpoint: local path or http(s) URL.
+        prefix: key prefix of the backbone in the file (e.g. "backbone."); None detects it.
+        use_ema: load the EMA weights of an official classification checkpoint.
+
+    Returns:
+        A ``LoadReport``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CheckpointMismatchError: keys or shapes do not match.
+    """
+    raw, skipped = safe_load(checkpoint)
+    state_dict = convert_official_keys(extract_state_dict(raw, use_ema=use_ema), prefix=prefix)
+    to_load, report = match_state_dict(model, state_dict)
+    report.skipped_pickled = skipped
+    result = model.load_state_dict(to_load, strict=False)
+    leftover = [k for k in result.missing_keys if not k.startswith(IGNORED_MISSING_PREFIXES)]
+    if leftover or result.unexpected_keys:
+        raise CheckpointMismatchError(
+            f"loading {checkpoint} left missing keys {leftover} and unexpected keys "
+            f"{result.unexpected_keys}.")
+    _log(f"loaded backbone weights from {checkpoint} ({len(to_load)} tensors).", logging.INFO)
+    if report.ignored_unexpected:
+        _log(f"ignored classifier keys not used by the backbone: {report.ignored_unexpected}",
+             logging.INFO)
+    if report.ignored_missing:
+        _log(f"keys absent from the checkpoint, kept at their init: {report.ignored_missing}",
+             logging.INFO)
+    return report
+
+
+def _log(message: str, level: int) -> None:
+    try:
+        from mmengine.logging import print_log
+    except ImportError:
+        logger.log(level, message)
+    else:
+        print_log(message, logger="current", level=level)

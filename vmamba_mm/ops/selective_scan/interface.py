@@ -1,0 +1,292 @@
+"""Public selective scan: input checks, backend choice, and the ``torch.library`` custom ops.
+
+``selective_scan`` is what the rest of the project calls. The "torch" and "triton" backends run
+through two custom ops so that ``torch.compile(fullgraph=True)`` traces them without a graph break
+and ``torch.export`` records the scan as one node:
+
+* ``vmamba_mm::selective_scan_fwd(u, delta, A, B, C, D?, delta_bias?, delta_softplus, backend)``
+  returns ``[y, *saved]``: y fp32 [batch, K*D, L] followed by whatever the backend keeps for its
+  backward (nothing for "torch", chunk checkpoints for "triton").
+* ``vmamba_mm::selective_scan_bwd(dy, u, delta, A, B, C, D?, delta_bias?, delta_softplus, backend,
+  saved)`` returns ``[du, ddelta, dA, dB, dC]`` followed by dD and d(delta_bias) when those inputs
+  were given.
+
+Backend contract (``<name>_scan.py`` next to this file, imported lazily):
+``<name>_scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus) -> (y, saved)``,
+``<name>_scan_backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus, *saved) -> grads``
+and ``<name>_scan_forward_fake(...)`` with the forward's signature that returns empty tensors of
+the forward's output shapes (used while tracing). Saved tensors must be fresh tensors, never views
+of the inputs. The "naive" backend is autograd through ``selective_scan_naive`` (tests only).
+"""
+
+import functools
+import importlib
+import importlib.util
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .naive import selective_scan_naive
+
+Tensor = torch.Tensor
+
+BACKENDS = ("auto", "triton", "torch", "naive")
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether Triton is installed and imports (checked once)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _backend_module(name: str):
+    """Imports ``<name>_scan`` lazily (the Triton module imports triton at import time)."""
+    return importlib.import_module(f"{__package__}.{name}_scan")
+
+
+def _backend_functions(name: str) -> Tuple[Callable, Callable, Callable]:
+    module = _backend_module(name)
+    return (
+        getattr(module, f"{name}_scan_forward"),
+        getattr(module, f"{name}_scan_backward"),
+        getattr(module, f"{name}_scan_forward_fake"),
+    )
+
+
+def _resolve_backend(backend: object, u: Tensor) -> str:
+    """Maps the user's ``backend`` argument to "torch", "triton" or "naive"."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}; pick one of those names.")
+    if backend == "auto":
+        return "triton" if u.is_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError(
+                'backend="triton" needs the triton package, which does not import here; install '
+                'triton or use backend="torch".'
+            )
+        if not u.is_cuda and not _triton_interpreter():
+            raise ValueError(
+                f'backend="triton" got tensors on {u.device.type}; Triton kernels run on CUDA '
+                'tensors (or on CPU with TRITON_INTERPRET=1 set before triton is imported). Move '
+                'the inputs to a GPU or use backend="torch".'
+            )
+    return backend
+
+
+def _check_tensor(name: str, value: object, ndim: int, layout: str) -> Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(value)}.")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(value.shape)}.")
+    return value
+
+
+def _check_fp32(name: str, value: Tensor) -> None:
+    if value.dtype != torch.float32:
+        raise TypeError(
+            f"{name} must be float32 (it is a parameter kept in full precision), got "
+            f"{value.dtype}; pass {name}.float()."
+        )
+
+
+def check_inputs(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+) -> None:
+    """Validates shapes, dtypes, devices and the sign of A; raises ValueError/TypeError."""
+    _check_tensor("u", u, 3, "[batch, K*D, L]")
+    batch, channels, length = u.shape
+    _check_tensor("delta", delta, 3, "[batch, K*D, L]")
+    _check_tensor("A", A, 2, "[K*D, N]")
+    _check_tensor("B", B, 4, "[batch, K, N, L]")
+    _check_tensor("C", C, 4, "[batch, K, N, L]")
+    if delta.shape != u.shape:
+        raise ValueError(
+            f"delta must have u's shape {tuple(u.shape)} ([batch, K*D, L]), got "
+            f"{tuple(delta.shape)}."
+        )
+    if length < 1:
+        raise ValueError("u must hold at least one time step (L >= 1).")
+    if A.shape[0] != channels or A.shape[1] < 1:
+        raise ValueError(
+            f"A must have shape [K*D, N] = [{channels}, N>=1] to match u, got {tuple(A.shape)}."
+        )
+    d_state = A.shape[1]
+    groups = B.shape[1]
+    if B.shape[0] != batch or B.shape[2] != d_state or B.shape[3] != length or groups < 1:
+        raise ValueError(
+            f"B must have shape [batch, K, N, L] = [{batch}, K, {d_state}, {length}] to match u "
+            f"and A, got {tuple(B.shape)}."
+        )
+    if C.shape != B.shape:
+        raise ValueError(f"C must have B's shape {tuple(B.shape)}, got {tuple(C.shape)}.")
+    if channels % groups:
+        raise ValueError(
+            f"u's {channels} channels do not split into B's K={groups} groups; K*D must be a "
+            "multiple of K."
+        )
+    for name, value in (("D", D), ("delta_bias", delta_bias)):
+        if value is not None:
+            _check_tensor(name, value, 1, "[K*D]")
+            if value.shape[0] != channels:
+                raise ValueError(
+                    f"{name} must have shape [K*D] = [{channels}], got {tuple(value.shape)}."
+                )
+            _check_fp32(name, value)
+    _check_fp32("A", A)
+    if u.dtype not in INPUT_DTYPES:
+        raise TypeError(f"u must be float32, bfloat16 or float16, got {u.dtype}.")
+    for name, value in (("delta", delta), ("B", B), ("C", C)):
+        if value.dtype != u.dtype:
+            raise TypeError(
+                f"{name} must have u's dtype {u.dtype}, got {value.dtype}; cast it with "
+                f".to({u.dtype})."
+            )
+    if not isinstance(delta_softplus, bool):
+        raise TypeError(f"delta_softplus must be a bool, got {type(delta_softplus)}.")
+    named = [("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)]
+    for name, value in named:
+        if value is not None and value.device != u.device:
+            raise ValueError(f"{name} is on {value.device} but u is on {u.device}; use one device.")
+    # A > 0 makes the state grow without bound. The check reads the values, so it is skipped
+    # while compiling/exporting (no data there) and on meta tensors.
+    if not torch.compiler.is_compiling() and A.device.type != "meta" and bool((A > 0).any()):
+        raise ValueError(
+            "A must be <= 0 everywhere (decay rates; VMamba uses A = -exp(A_logs)); got positive "
+            "entries."
+        )
+
+
+@torch.library.custom_op("vmamba_mm::selective_scan_fwd", mutates_args=())
+def _scan_fwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    backend: str,
+) -> List[Tensor]:
+    forward, _, _ = _backend_functions(backend)
+    y, saved = forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return [y, *saved]
+
+
+@_scan_fwd.register_fake
+def _scan_fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, backend):
+    _, _, fake = _backend_functions(backend)
+    y, saved = fake(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return [y, *saved]
+
+
+@torch.library.custom_op("vmamba_mm::selective_scan_bwd", mutates_args=())
+def _scan_bwd(
+    dy: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    backend: str,
+    saved: Sequence[Tensor],
+) -> List[Tensor]:
+    _, backward, _ = _backend_functions(backend)
+    grads = backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus, *saved)
+    return [g for g in grads if g is not None]
+
+
+@_scan_bwd.register_fake
+def _scan_bwd_fake(dy, u, delta, A, B, C, D, delta_bias, delta_softplus, backend, saved):
+    grads = [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A)]
+    grads += [torch.empty_like(B), torch.empty_like(C)]
+    grads += [torch.empty_like(x) for x in (D, delta_bias) if x is not None]
+    return grads
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, delta_bias, delta_softplus, backend = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, *output[1:])
+    ctx.delta_softplus = delta_softplus
+    ctx.backend = backend
+
+
+def _backward(ctx, grads):
+    u, delta, A, B, C, D, delta_bias, *saved = ctx.saved_tensors
+    dy = grads[0]
+    if dy is None:
+        dy = torch.zeros_like(u, dtype=torch.float32)
+    out = torch.ops.vmamba_mm.selective_scan_bwd(
+        dy.contiguous(), u, delta, A, B, C, D, delta_bias, ctx.delta_softplus, ctx.backend, saved
+    )
+    du, ddelta, dA, dB, dC, *rest = out
+    dD = rest.pop(0) if D is not None else None
+    ddelta_bias = rest.pop(0) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, ddelta_bias, None, None
+
+
+_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """Selective scan (S6) over K groups of channels, differentiable in every input.
+
+    Per batch b, channel c (group k = c // D_per_group), state n, time t, with h_{-1} = 0:
+    dt = softplus(delta + delta_bias) (softplus optional), h_t = exp(dt A) h_{t-1} + dt B_t u_t,
+    y_t = sum_n C_t h_t + D u_t. The state is accumulated in float32 whatever the input dtype.
+
+    Args:
+        u: input, [batch, K*D, L], float32/bfloat16/float16.
+        delta: time steps before bias/softplus, [batch, K*D, L], u's dtype.
+        A: decay rates, [K*D, N], float32, every entry <= 0.
+        B: input projections, [batch, K, N, L], u's dtype; channel c uses group c // D.
+        C: output projections, [batch, K, N, L], u's dtype.
+        D: skip weights, [K*D] float32, or None.
+        delta_bias: added to delta, [K*D] float32, or None.
+        delta_softplus: apply softplus (threshold 20) to delta + delta_bias.
+        backend: "auto" (Triton for CUDA tensors when Triton imports, else "torch"), "triton",
+            "torch" or "naive" (the per-token reference; tests only).
+
+    Returns:
+        y, float32 [batch, K*D, L].
+    """
+    check_inputs(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    name = _resolve_backend(backend, u)
+    if name == "naive":
+        return selective_scan_naive(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return torch.ops.vmamba_mm.selective_scan_fwd(
+        u, delta, A, B, C, D, delta_bias, delta_softplus, name
+    )[0]
