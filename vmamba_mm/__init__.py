@@ -23,3 +23,6 @@ if _mmengine_available():
     mmengine_compat.install()
 
 __all__ = ["__version__"]
+
+# Registers the VMamba backbone in mmengine's root MODELS registry (when mmengine imports).
+from . import models  # noqa: E402,F401

@@ -140,8 +140,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _restricted_load(path: str) -> Tuple[Any, List[str]]:
     if not zipfile.is_zipfile(path):
         raise ValueError(
-            f"{path} is not a zip-format torch checkpoint and cannot be read safely; re-save it with "
-            "torch.save (torch >= 1.6) from a trusted environment.")
+            f"{path} is not a zip-format torch checkpoint and cannot be read safely; re-save it "
+            "with torch.save (torch >= 1.6) from a trusted environment.")
     with zipfile.ZipFile(path) as archive:
         pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
@@ -176,7 +176,8 @@ def safe_load(path_or_url: str) -> Tuple[Any, List[str]]:
         empty when torch's weights-only loader accepted the file as it is).
     """
     if not isinstance(path_or_url, (str, os.PathLike)):
-        raise TypeError(f"checkpoint must be a path or URL string, got {type(path_or_url).__name__}.")
+        raise TypeError(
+            f"checkpoint must be a path or URL string, got {type(path_or_url).__name__}.")
     path = os.fspath(path_or_url)
     scheme = urlparse(path).scheme
     if scheme in ("http", "https"):
@@ -198,7 +199,9 @@ def safe_load(path_or_url: str) -> Tuple[Any, List[str]]:
     return obj, skipped
 
 
-def extract_state_dict(checkpoint: Any, use_ema: bool = False) -> "OrderedDict[str, torch.Tensor]":
+def extract_state_dict(
+    checkpoint: Any, use_ema: bool = False
+) -> "OrderedDict[str, torch.Tensor]":
     """Finds the weights inside a loaded checkpoint.
 
     Args:
@@ -262,7 +265,7 @@ def convert_official_keys(
                 f"no checkpoint key starts with prefix {prefix!r}; first keys: "
                 f"{list(state_dict)[:5]}. Fix or drop `prefix`.")
         state_dict = selected
-    converted: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    converted: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in state_dict.items():
         if key == "pos_embed":
             _log("checkpoint: dropped 'pos_embed' (VMamba uses no position embedding).",
@@ -322,7 +325,7 @@ def match_state_dict(
     """
     expected = model.state_dict()
     report = LoadReport()
-    to_load: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    to_load: OrderedDict[str, torch.Tensor] = OrderedDict()
     unexpected, mismatched = [], []
     for key, value in state_dict.items():
         if key not in expected:

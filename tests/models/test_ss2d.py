@@ -7,9 +7,9 @@ routes, a per-token loop for the scan, and the merge as a sum of four gathers.
 import pytest
 import torch
 import torch.nn.functional as F
+from vmamba_test_utils import randomize_, seeded_randn
 
 from vmamba_mm.models import SS2D
-from vmamba_test_utils import randomize_, seeded_randn
 
 
 def reference_ss2d(op: SS2D, x: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from vmamba_test_utils import classification_param_count, seeded_randn, small_arch
 
 from vmamba_mm.models import ARCH_SETTINGS, VMamba
-from vmamba_test_utils import classification_param_count, seeded_randn, small_arch
 
 # Spec section 1: the official classification models (1000-class head).
 OFFICIAL_CLS_PARAMS = {

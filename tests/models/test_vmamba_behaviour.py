@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn as nn
+from vmamba_test_utils import randomize_, seeded_randn, small_arch
 
 from vmamba_mm.models import VMamba
-from vmamba_test_utils import randomize_, seeded_randn, small_arch
 
 
 @pytest.mark.parametrize("arch", ["tiny", "tiny-s2l5", "vanilla-tiny"])
@@ -44,7 +44,7 @@ def test_with_cp_gives_same_outputs_and_gradients():
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_frozen_stages_4_leaves_nothing_trainable_after_train():

@@ -1,4 +1,4 @@
-"""Helpers shared by the VMamba model tests: small architectures and the official classifier size."""
+"""Helpers for the VMamba model tests: small architectures and the official classifier size."""
 
 from typing import Any, Dict
 
@@ -20,7 +20,8 @@ def classification_param_count(backbone: VMamba, num_classes: int = 1000) -> int
     The classifier replaces the outnorms: a LayerNorm over the last width plus a Linear head.
     """
     total = sum(p.numel() for p in backbone.parameters())
-    outnorms = sum(p.numel() for name, p in backbone.named_parameters() if name.startswith("outnorm"))
+    outnorms = sum(p.numel() for name, p in backbone.named_parameters()
+                   if name.startswith("outnorm"))
     width = backbone.dims[-1]
     return total - outnorms + 2 * width + width * num_classes + num_classes
 

@@ -125,15 +125,16 @@ class _TorchScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, softplus):
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
         ctx.softplus = softplus
         y, saved = torch_scan_forward(u, delta, A, B, C, D, delta_bias, softplus)
-        assert not saved
+        ctx.n_inputs = 7
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, *saved)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        return (*torch_scan_backward(dy, *ctx.saved_tensors, ctx.softplus), None)
+        inputs, saved = ctx.saved_tensors[:7], ctx.saved_tensors[7:]
+        return (*torch_scan_backward(dy, *inputs, ctx.softplus, *saved), None)
 
 
 @pytest.mark.parametrize("batch,length,d_state,softplus", [(2, 7, 3, True), (1, 10, 1, False)])

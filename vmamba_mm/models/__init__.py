@@ -5,7 +5,7 @@ mmengine is installed (mmdet's and mmseg's registries find it through their pare
 """
 
 from ..registry import register_models
-from .layers import Linear2d, LayerNorm2d, Mlp, PatchMerging2D
+from .layers import LayerNorm2d, Linear2d, Mlp, PatchMerging2D
 from .ss2d import SS2D
 from .vmamba import ARCH_SETTINGS, VMamba
 from .vss_block import VSSBlock

@@ -199,7 +199,14 @@ class PatchMerging2D(nn.Module):
         self.reduction = make_linear(4 * dim, out_dim, bias=False, channel_first=channel_first)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x [B, C, H, W] or [B, H, W, C]. Returns: [B, out_dim, H', W'] or [B, H', W', out_dim]."""
+        """Merges 2x2 neighbourhoods.
+
+        Args:
+            x: [B, C, H, W] or [B, H, W, C].
+
+        Returns:
+            out_dim channels at ceil(H/2) x ceil(W/2), same layout.
+        """
         if self.channel_first:
             height, width = x.shape[2], x.shape[3]
             if height % 2 or width % 2:

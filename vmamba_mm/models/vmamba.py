@@ -166,8 +166,9 @@ class VMamba(_BaseModule):
             ("ln"); both give the same outputs with the same state_dict.
         scan_backend: selective-scan backend: "auto", "torch", "naive" or "triton".
         pretrained: deprecated, use ``init_cfg=dict(type="Pretrained", checkpoint=...)``.
-        init_cfg: None (the official random init) or ``dict(type="Pretrained", checkpoint=PATH_OR_URL,
-            prefix=None, use_ema=False)``; other mmengine init configs need mmengine.
+        init_cfg: None (the official random init) or ``dict(type="Pretrained",
+            checkpoint=PATH_OR_URL, prefix=None, use_ema=False)``; other mmengine init configs
+            need mmengine.
 
     Inputs of any size are accepted; a stage-i map has size ceil(H / 2^(i+2)) x ceil(W / 2^(i+2)).
     """
@@ -194,14 +195,16 @@ class VMamba(_BaseModule):
                 "channel_first, scan_backend, pretrained, init_cfg.")
         if pretrained is not None:
             if not isinstance(pretrained, str):
-                raise TypeError(f"pretrained must be a str or None, got {type(pretrained).__name__};"
-                                " prefer init_cfg=dict(type='Pretrained', checkpoint=...).")
+                raise TypeError(
+                    f"pretrained must be a str or None, got {type(pretrained).__name__}; prefer "
+                    "init_cfg=dict(type='Pretrained', checkpoint=...).")
             if init_cfg is not None:
                 raise ValueError("init_cfg and pretrained cannot both be set; use init_cfg only.")
             if not pretrained:
                 raise ValueError("pretrained is an empty string; give a checkpoint path or None.")
             warnings.warn("VMamba: `pretrained` is deprecated, use "
-                          "init_cfg=dict(type='Pretrained', checkpoint=...) instead.", FutureWarning)
+                          "init_cfg=dict(type='Pretrained', checkpoint=...) instead.",
+                          FutureWarning, stacklevel=2)
             init_cfg = dict(type="Pretrained", checkpoint=pretrained)
         _check_init_cfg(init_cfg)
         super().__init__(init_cfg=init_cfg)

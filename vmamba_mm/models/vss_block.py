@@ -11,7 +11,9 @@ from .ss2d import SS2D
 
 
 class VSSBlock(nn.Module):
-    """``x = x + drop_path(op(norm(x)))``, then ``x = x + drop_path(mlp(norm2(x)))`` if mlp_ratio > 0.
+    """Pre-norm residual block: ``x + drop_path(op(norm(x)))``, then an optional MLP branch.
+
+    The MLP branch, present when mlp_ratio > 0, is ``x + drop_path(mlp(norm2(x)))``.
 
     Parameter names follow the official checkpoints: ``norm``, ``op`` (SS2D), ``norm2``, ``mlp``.
 

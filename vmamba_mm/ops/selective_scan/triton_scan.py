@@ -1,7 +1,7 @@
 """Triton backend of the selective scan: forward and backward kernels and their host launchers.
 
 This module imports Triton at import time, so the package imports it lazily (only when the
-"triton" backend is used). On a machine without a GPU it runs under ``TRITON_INTERPRET=1``.
+"triton" backend is used). Without a GPU it runs under ``TRITON_INTERPRET=1``.
 
 Math (see ``naive.py``), per batch b, channel c in group k = c // D_per_group, state n, time t:
 
@@ -11,40 +11,41 @@ Math (see ``naive.py``), per batch b, channel c in group k = c // D_per_group, s
 
 Design
 ------
-* Work decomposition. One program owns a block of ``BLOCK_C`` channels of one group (so it shares
-  the group's B[n, t] and C[n, t] vectors) times all ``N`` states (padded to ``NP``, a power of two,
-  with masks), and walks time sequentially inside a chunk of ``chunk`` steps (a power of two, a
-  runtime value). The state ``h`` lives in fp32 registers as a [BLOCK_C, NP] tile; every step loads
-  one time column of u, delta, B, C. L, H and W are never compile-time constants.
+* Work split. One program owns a block of ``BLOCK_C`` channels of one group (so all of them read
+  the same B[n, t] and C[n, t] vectors) times all ``N`` states (padded to ``NP``, a power of two,
+  with masks), and walks time sequentially through chunks of ``chunk`` steps (a power of two
+  passed as a runtime int). The state is a [BLOCK_C, NP] fp32 register tile; each step loads
+  one time column of u, delta, B, C. L, H and W are never compile-time constants; only block
+  sizes, NP and feature flags are.
 * Checkpoints. The forward stores the state at the start of every chunk,
-  ``h_ckpt[batch, K*D, N, n_chunks]`` (fp32, a factor ``chunk`` smaller than the full state); it
-  is the only tensor saved for the backward. The chunk size is recovered in the backward from
-  ``n_chunks`` (``next_pow2(ceil(L / n_chunks))`` is the unique power-of-two chunk giving that count).
-* Two schedules, chosen by a host heuristic from the number of (batch, group, channel-block) tiles:
-  - sequential: when those tiles already fill the GPU (and always in the interpreter unless asked
-    otherwise), one program walks all chunks of its channels, carrying the state in registers and
-    writing each chunk-start checkpoint on the way (one read of the inputs);
-  - chunk-parallel: for batch 1 / long sequences, (1) ``_chunk_local_kernel`` computes every chunk's
-    end state from a zero start and the chunk's summed delta, in parallel over chunks; (2)
-    ``_propagate_kernel`` walks the chunks once per channel, h_start[j+1] = exp(A * sum delta_j) *
-    h_start[j] + local_end[j]; (3) the output kernel restarts every chunk from its checkpoint, in
-    parallel over chunks.
-* Backward. The gradient of the state, g_t = dL/dh_t = a_{t+1} g_{t+1} + dy_t C_t, runs backwards
-  in time; its carry into each chunk from the right is obtained with the same two schedules (the
-  chunk-local kernel in reverse mode plus the propagation kernel, or sequentially over chunks in
-  reverse inside one program). Within a chunk the backward kernel recomputes the forward from the
-  chunk's checkpoint into a bounded per-program workspace (``chunk x BLOCK_C x NP`` fp32 per
-  program; the grid is persistent and capped, so the workspace never scales with L or batch), then
-  walks the chunk backwards. It needs a_t * h_{t-1} for dA and d(delta), and takes it as
-  h_t - b_t, never dividing by the decay (which underflows to 0 for strongly negative A).
-* Reductions. dB and dC are shared by the channels of a group: each program reduces over its
-  channel block in registers and writes an fp32 partial per channel block ([batch, K, n_cblk, N, L]),
-  summed afterwards on the host side (deterministic, no atomics). dA, dD and d(delta_bias) are
-  accumulated in fp32 registers over the program's chunks and written as per-(batch, segment)
-  partials that are summed the same way.
+  ``h_ckpt[batch, K*D, N, n_chunks]`` (fp32, ``chunk`` times smaller than the full state); it
+  is the only tensor saved for the backward. The backward recovers the chunk size from
+  ``n_chunks``: ``next_pow2(ceil(L / n_chunks))`` is the only power-of-two chunk with that count.
+* Two schedules, chosen by a host heuristic from the number of (batch, group, channel-block)
+  tiles (no autotuning: it needs a GPU):
+  - sequential: when those tiles already fill the GPU (and in the interpreter), one program walks
+    all chunks of its channels, carrying the state in registers and writing each chunk-start
+    checkpoint on the way: one read of the inputs.
+  - chunk-parallel (batch 1, long sequences): (1) ``_chunk_local_kernel`` computes each chunk's
+    end state from a zero start and the chunk's summed delta, in parallel over chunks;
+    (2) ``_propagate_kernel`` walks the chunks once per channel,
+    h_start[j+1] = exp(A * sum(delta over chunk j)) * h_start[j] + local_end[j];
+    (3) the output kernel restarts every chunk from its checkpoint, in parallel over chunks.
+* Backward. The state gradient g_t = dL/dh_t = a_{t+1} g_{t+1} + dy_t C_t runs backwards in time.
+  Its carry into each chunk from the right comes from the same two schedules (the chunk-local
+  kernel in reverse mode plus the propagation kernel, or one program walking its chunks in
+  reverse). Inside a chunk the backward kernel recomputes the forward from the chunk's
+  checkpoint into a per-program workspace (chunk x BLOCK_C x NP fp32; the grid is persistent
+  and capped, so the workspace does not grow with L or batch) and then walks the chunk
+  backwards. dA and d(delta) need a_t * h_{t-1}, taken as h_t - b_t: the kernels never divide
+  by the decay, which underflows to 0 for strongly negative A.
+* Reductions. dB and dC are shared by the channels of a group: each program sums over its channel
+  block in registers and writes an fp32 partial per channel block ([batch, K, n_cblk, N, L]);
+  torch sums the partials (deterministic, no atomics). dA, dD and d(delta_bias) are accumulated
+  in fp32 registers and written as per-(batch, segment) partials, summed the same way.
 * Numerics. All math in fp32 whatever the input dtype; softplus with threshold 20 written with
-  tl.exp/tl.log (a short series replaces log(1 + e) for tiny e); offsets in int64 where
-  channel * L or state * L products can exceed 2**31.
+  tl.exp/tl.log (libdevice does not run in the interpreter); int64 offsets wherever channel * L
+  or state * L products can pass 2**31; masks on channels, states and steps past L.
 """
 
 import os
@@ -406,8 +407,14 @@ def _next_pow2(x: int) -> int:
 
 
 def _block_channels(d_group: int, n_pad: int) -> int:
-    # About 256 fp32 state values per program: enough work per step, few registers per thread.
-    return max(1, min(_next_pow2(d_group), 128, 256 // n_pad))
+    # At most 256 fp32 state values and 32 channels per program: the time loop is latency-bound,
+    # so many small programs (more chunks and channel blocks in flight) beat few wide ones.
+    return max(1, min(_next_pow2(d_group), 32, 256 // n_pad))
+
+
+def _num_warps(block_c: int, n_pad: int) -> int:
+    # One warp per 64 state values, so small tiles do not leave threads holding copies.
+    return max(1, min(4, (block_c * n_pad) // 64))
 
 
 def _num_sms(device: torch.device) -> Optional[int]:
@@ -536,13 +543,14 @@ def triton_scan_forward(
     if chunk_parallel is None:
         chunk_parallel = _use_chunk_parallel(tiles, n_chunks, u.device)
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus))
+    warps = _num_warps(block_c, n_pad)
     if chunk_parallel:
         loc = torch.empty_like(h_ckpt)
         dsum = torch.empty((batch, channels, n_chunks), device=u.device, dtype=torch.float32)
         _chunk_local_kernel[(tiles * n_chunks,)](
             u, delta, A, B, bias_, loc, dsum,
             length, channels, d_group, groups, d_state, n_chunks, chunk, n_cblk,
-            REVERSE=False, BLOCK_C=block_c, NP=n_pad, **flags,
+            REVERSE=False, BLOCK_C=block_c, NP=n_pad, num_warps=warps, **flags,
         )
         block_p = _block_channels(channels, n_pad)
         _propagate_kernel[(batch, triton.cdiv(channels, block_p))](
@@ -557,7 +565,8 @@ def triton_scan_forward(
         u, delta, A, B, C, D_, bias_, y, h_ckpt,
         length, channels, d_group, groups, d_state, n_chunks, chunk, chunks_per_prog,
         n_cblk, n_seg,
-        HAS_D=D is not None, FROM_CKPT=bool(chunk_parallel), BLOCK_C=block_c, NP=n_pad, **flags,
+        HAS_D=D is not None, FROM_CKPT=bool(chunk_parallel), BLOCK_C=block_c, NP=n_pad,
+        num_warps=warps, **flags,
     )
     return y, (h_ckpt,)
 
@@ -596,7 +605,8 @@ def triton_scan_backward(
     """
     if len(saved) != 1:
         raise ValueError(
-            f"triton_scan_backward expects the 1 tensor triton_scan_forward saved, got {len(saved)}."
+            "triton_scan_backward expects the one tensor triton_scan_forward saved, "
+            f"got {len(saved)}; pass the `saved` tuple of the matching forward."
         )
     (h_ckpt,) = saved
     batch, channels, length, groups, d_state, d_group, n_pad, block_c = _geometry(
@@ -619,6 +629,7 @@ def triton_scan_backward(
         chunk_parallel = _use_chunk_parallel(tiles, n_chunks, dev)
     chunk_parallel = bool(chunk_parallel) and n_chunks > 1
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus))
+    warps = _num_warps(block_c, n_pad)
     f32 = dict(device=dev, dtype=torch.float32)
 
     if chunk_parallel:
@@ -627,7 +638,7 @@ def triton_scan_backward(
         _chunk_local_kernel[(tiles * n_chunks,)](
             dy, delta, A, C, bias_, loc, dsum,
             length, channels, d_group, groups, d_state, n_chunks, chunk, n_cblk,
-            REVERSE=True, BLOCK_C=block_c, NP=n_pad, **flags,
+            REVERSE=True, BLOCK_C=block_c, NP=n_pad, num_warps=warps, **flags,
         )
         g_ckpt = torch.empty_like(h_ckpt)
         block_p = _block_channels(channels, n_pad)
@@ -660,7 +671,8 @@ def triton_scan_backward(
             du, ddelta, dA_part, dD_part, dbias_part, dB_part, dC_part,
             length, channels, d_group, groups, d_state, n_chunks, chunk, chunks_per_prog,
             n_cblk, n_seg, n_work, triton.cdiv(n_work, n_prog),
-            HAS_D=D is not None, HAS_GCK=chunk_parallel, BLOCK_C=block_c, NP=n_pad, **flags,
+            HAS_D=D is not None, HAS_GCK=chunk_parallel, BLOCK_C=block_c, NP=n_pad,
+            num_warps=warps, **flags,
         )
     else:
         for t in (dA_part, dD_part, dbias_part):

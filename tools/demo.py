@@ -1,0 +1,194 @@
+"""End-to-end CPU demo (``make demo``): synthetic data, two trainings, real metrics, pictures.
+
+1. Writes the synthetic shapes dataset (``vmamba_mm.datasets``) unless it is already there.
+2. Trains the small VMamba Mask R-CNN and UperNet of ``configs/demo/`` with tools/train.py.
+3. Evaluates each checkpoint with tools/test.py: mmdet's CocoMetric (bbox and segm mAP) and
+   mmseg's IoUMetric (mIoU), and paints predictions with the toolboxes' visualizers.
+4. Prints the metrics, the wall time of each step and where the pictures are.
+
+Usage::
+
+    python tools/demo.py [--data-root data/shapes] [--work-dir work_dirs/demo] [--seed 0]
+                         [--only det|seg] [--det-iters N] [--seg-iters N]
+
+Each training and test runs in its own process, exactly as a user would run the tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / "tools"
+DEMO_CONFIGS = {
+    "det": ROOT / "configs" / "demo" / "mask-rcnn_vmamba-demo_shapes-128.py",
+    "seg": ROOT / "configs" / "demo" / "upernet_vmamba-demo_shapes-128.py",
+}
+# The numbers the demo reports, per model (mmengine's names for them).
+REPORTED = {
+    "det": ["coco/bbox_mAP", "coco/bbox_mAP_50", "coco/segm_mAP", "coco/segm_mAP_50"],
+    "seg": ["mIoU", "mAcc", "aAcc"],
+}
+DATA_ENV = "VMAMBA_MM_SHAPES_ROOT"
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train and evaluate the VMamba demo models.")
+    parser.add_argument("--data-root", default="data/shapes", help="where the shapes data lives")
+    parser.add_argument("--work-dir", default="work_dirs/demo", help="checkpoints, logs, pictures")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
+    parser.add_argument("--num-train", type=int, default=400, help="training pictures")
+    parser.add_argument("--num-val", type=int, default=50, help="validation pictures")
+    parser.add_argument("--only", choices=["det", "seg"], help="run one of the two models")
+    parser.add_argument("--det-iters", type=int, help="override the Mask R-CNN iterations")
+    parser.add_argument("--seg-iters", type=int, help="override the UperNet iterations")
+    parser.add_argument(
+        "--vis-interval", type=int, default=5, help="paint every N-th validation picture"
+    )
+    args = parser.parse_args(argv)
+    for name in ("det_iters", "seg_iters"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.vis_interval < 1:
+        parser.error(f"--vis-interval must be >= 1, got {args.vis_interval}")
+    return args
+
+
+def _run(cmd: List[str], env: Dict[str, str], log_file: Path) -> float:
+    """Runs a tool, teeing its output to ``log_file``; returns the wall time in seconds."""
+    print("$ " + " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=os.getcwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            # Only mmengine's own progress lines reach the console; the rest is in the log.
+            if " - mmengine - INFO - Iter(" in line or line.startswith("error"):
+                print("  " + line.rstrip()[-160:], flush=True)
+        code = proc.wait()
+    if code != 0:
+        tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{cmd[1]} failed (exit {code}); full log in {log_file}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def _latest_metrics(work_dir: Path, started: float) -> Dict[str, Any]:
+    """Reads the metrics mmengine dumped for the test run that started after ``started``."""
+    runs = sorted(
+        (p for p in work_dir.iterdir() if p.is_dir() and p.stat().st_mtime >= started - 1),
+        key=lambda p: p.name,
+    )
+    for run in reversed(runs):
+        dumped = run / f"{run.name}.json"
+        if dumped.is_file():
+            return json.loads(dumped.read_text().splitlines()[-1])
+    raise RuntimeError(f"no metrics file found under {work_dir}; see the test log there.")
+
+
+def _pictures(work_dir: Path, kind: str) -> List[Path]:
+    pattern = "*/vis/*.jpg" if kind == "det" else "vis/vis_data/vis_image/*.png"
+    return sorted(work_dir.glob(pattern))
+
+
+def run_model(kind: str, args: argparse.Namespace, env: Dict[str, str]) -> Dict[str, Any]:
+    """Trains and evaluates one demo model.
+
+    Returns:
+        ``metrics`` (dict), ``train_s`` and ``test_s`` (wall seconds), ``pictures`` (list of
+        paths), ``checkpoint`` (path).
+    """
+    config = DEMO_CONFIGS[kind]
+    work_dir = Path(args.work_dir) / config.stem
+    work_dir.mkdir(parents=True, exist_ok=True)
+    options = ["train_cfg.val_interval=1000000"]  # evaluated once, below, with pictures
+    iters = args.det_iters if kind == "det" else args.seg_iters
+    if iters is not None:
+        options.append(f"train_cfg.max_iters={iters}")
+    train_s = _run(
+        [sys.executable, str(TOOLS / "train.py"), str(config), "--work-dir", str(work_dir),
+         "--cfg-options", *options],
+        env,
+        work_dir / "demo_train.log",
+    )
+    checkpoint = Path((work_dir / "last_checkpoint").read_text().strip())
+    started = time.time()
+    show_dir = "vis" if kind == "det" else str(work_dir / "vis")
+    test_s = _run(
+        [sys.executable, str(TOOLS / "test.py"), str(config), str(checkpoint), "--work-dir",
+         str(work_dir), "--show-dir", show_dir, "--cfg-options",
+         f"default_hooks.visualization.interval={args.vis_interval}"],
+        env,
+        work_dir / "demo_test.log",
+    )
+    return {
+        "metrics": _latest_metrics(work_dir, started),
+        "train_s": train_s,
+        "test_s": test_s,
+        "pictures": _pictures(work_dir, kind),
+        "checkpoint": checkpoint,
+    }
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
+    """Runs the demo.
+
+    Returns:
+        Per model ("det", "seg") the result of :func:`run_model`.
+    """
+    args = parse_args(argv)
+    from vmamba_mm.datasets import generate_shapes_dataset
+
+    start = time.perf_counter()
+    try:
+        summary = generate_shapes_dataset(
+            args.data_root, seed=args.seed, num_train=args.num_train, num_val=args.num_val
+        )
+    except (ValueError, TypeError) as err:
+        sys.exit(f"error: {err}")
+    state = "reused" if summary["reused"] else "written"
+    print(
+        f"shapes dataset {state} in {args.data_root}: {summary['train']['images']} train / "
+        f"{summary['val']['images']} val pictures ({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
+    env = dict(os.environ)
+    env[DATA_ENV] = str(Path(args.data_root)) + os.sep
+    results = {}
+    for kind in ("det", "seg"):
+        if args.only and kind != args.only:
+            continue
+        print(f"\n== {kind}: {DEMO_CONFIGS[kind].name}", flush=True)
+        results[kind] = run_model(kind, args, env)
+
+    print("\n== demo results (validation split)")
+    for kind, result in results.items():
+        values = "  ".join(
+            f"{name}={result['metrics'][name]:.3f}" if isinstance(result["metrics"].get(name),
+                                                                   float)
+            else f"{name}={result['metrics'].get(name)}"
+            for name in REPORTED[kind]
+        )
+        print(f"{DEMO_CONFIGS[kind].stem}: {values}")
+        print(
+            f"  train {result['train_s']:.0f} s, test {result['test_s']:.0f} s, "
+            f"{len(result['pictures'])} pictures, e.g. "
+            f"{result['pictures'][0] if result['pictures'] else '-'}"
+        )
+    print(f"total wall time {time.perf_counter() - start:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
