@@ -67,7 +67,8 @@ def run(repeats: int) -> str:
         "x".join(map(str, s)) + " fwd (s)" for s in SHAPES) + " |"
     rows = [header, "|" + "---|" * (2 + len(SHAPES))]
     for name, build in builders:
-        model = build().eval()
+        model = build()
+        model.eval()  # not chained: mmdet's Swin.train() returns None
         cells = [f"{time_forward(model, shape, repeats):.3f}" for shape in SHAPES]
         rows.append(f"| {name} | {params_m(model):.2f}M | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)

@@ -172,14 +172,31 @@ def test_torch_backend_is_finite_and_exact_on_long_sequences_with_vanishing_deca
     assert_close(y, y_ref, *TOLERANCES[torch.float32], "y")
 
 
-def test_torch_backend_forward_and_fake_agree_on_shape_and_dtype():
-    inputs, softplus = make_inputs(2, 4, 3, 37, 4, with_D=True, with_bias=False, softplus=True)
+@pytest.mark.parametrize("length,d_state", [(37, 4), (37, 1), (1, 1)])
+def test_torch_backend_forward_and_fake_agree_on_shapes_and_dtypes(length, d_state):
+    inputs, softplus = make_inputs(
+        2, 4, 3, length, d_state, with_D=True, with_bias=False, softplus=True
+    )
     y, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
     meta = {k: (v.to("meta") if v is not None else None) for k, v in inputs.items()}
     y_fake, saved_fake = torch_scan_forward_fake(**meta, delta_softplus=softplus)
-    assert y.shape == y_fake.shape == (2, 12, 37)
+    assert y.shape == y_fake.shape == (2, 12, length)
     assert y.dtype == y_fake.dtype == torch.float32
-    assert list(saved) == list(saved_fake) == []
+    assert [(t.shape, t.dtype) for t in saved] == [(t.shape, t.dtype) for t in saved_fake]
+    assert len(saved) == (2 if d_state == 1 else 1)
+
+
+def test_torch_backend_backward_with_and_without_saved_tensors_agree():
+    inputs, softplus = make_inputs(2, 4, 3, 50, 1, with_D=True, with_bias=True, softplus=True)
+    dy = torch.randn(2, 12, 50)
+    _, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
+    copies = [t.clone() for t in saved]
+    with_saved = torch_scan_backward(dy, *inputs.values(), softplus, *saved)
+    recomputed = torch_scan_backward(dy, *inputs.values(), softplus)
+    for got, want in zip(with_saved, recomputed):
+        torch.testing.assert_close(got, want)
+    for before, after in zip(copies, saved):
+        assert torch.equal(before, after), "the backward modified a saved tensor"
 
 
 def test_torch_backend_does_not_modify_its_inputs():
@@ -190,3 +207,21 @@ def test_torch_backend_does_not_modify_its_inputs():
     torch_scan_backward(dy, *inputs.values(), softplus)
     for name, value in inputs.items():
         assert torch.equal(value, before[name]), f"{name} was modified"
+
+
+@pytest.mark.parametrize("d_state", [1, 16])
+def test_torch_backend_in_channel_blocks_matches_naive(monkeypatch, d_state):
+    """Large problems run block by block (channels within one group); force tiny blocks."""
+    from vmamba_mm.ops.selective_scan import torch_scan
+
+    monkeypatch.setattr(torch_scan, "_BLOCK_ELEMENTS", 2 * d_state * 40)
+    inputs, softplus = make_inputs(2, 4, 5, 33, d_state, with_D=True, with_bias=True,
+                                   softplus=True)
+    assert len(torch_scan._channel_blocks(inputs["u"], inputs["A"], inputs["B"])) > 4
+    dy = torch.randn(2, 20, 33, generator=torch.Generator().manual_seed(5))
+    y_ref, g_ref = grads_of(selective_scan_naive, inputs, softplus, dy)
+    y, g = grads_of(torch_backend, inputs, softplus, dy)
+    rtol, atol = TOLERANCES[torch.float32]
+    assert_close(y, y_ref, rtol, atol, "y")
+    for name in g_ref:
+        assert_close(g[name], g_ref[name], rtol, atol, "d" + name)

@@ -171,6 +171,9 @@ class VMamba(_BaseModule):
             need mmengine.
 
     Inputs of any size are accepted; a stage-i map has size ceil(H / 2^(i+2)) x ceil(W / 2^(i+2)).
+    For the vanilla stem (a 4x4 stride-4 conv) sides that are not multiples of 4 are zero-padded
+    at the bottom/right, where the official code drops the last rows/columns; for multiples of 4
+    (all detection/segmentation inputs, padded to 32) the two agree exactly.
     """
 
     def __init__(

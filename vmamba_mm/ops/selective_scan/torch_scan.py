@@ -21,7 +21,7 @@ them the forward keeps the discretised time steps (as large as u) and, for N = 1
 """
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -173,7 +173,7 @@ def _sum_states(prep: _Prepared, x: Tensor) -> Tensor:
     return x.squeeze(4) if prep.shape[5] == 1 else x.sum(4)
 
 
-def torch_scan_forward(
+def _forward_block(
     u: Tensor,
     delta: Tensor,
     A: Tensor,
@@ -243,7 +243,7 @@ def torch_scan_forward_fake(
     return u.new_empty(u.shape, dtype=dtype), saved
 
 
-def torch_scan_backward(
+def _backward_block(
     dy: Tensor,
     u: Tensor,
     delta: Tensor,
@@ -253,7 +253,7 @@ def torch_scan_backward(
     D: Optional[Tensor],
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
-    *saved: Sequence[Tensor],
+    *saved: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradients of the selective scan, recomputing the forward states chunk by chunk.
 
@@ -325,8 +325,140 @@ def torch_scan_backward(
     else:
         ddelta.copy_(_natural(ddt_l, length))
     ddelta_bias = ddelta.sum((0, 2, 3)) if delta_bias is not None else None
-    du = du.view(u.shape).to(u.dtype)
-    ddelta = ddelta.view(delta.shape).to(delta.dtype)
-    dB = _from_chunks(dB_l, length).to(B.dtype)
-    dC = _from_chunks(dC_l, length).to(C.dtype)
+    du = du.view(u.shape)
+    ddelta = ddelta.view(delta.shape)
+    dB = _from_chunks(dB_l, length)
+    dC = _from_chunks(dC_l, length)
     return du, ddelta, dA, dB, dC, dD, ddelta_bias
+
+
+# Elements of one [batch, channels, N, T, nc] state buffer per channel block: the scan's working
+# set (three such buffers in the backward) then stays in the CPU's caches, which matters for N > 1.
+_BLOCK_ELEMENTS = 1 << 23
+
+
+def _channel_blocks(u: Tensor, A: Tensor, B: Tensor) -> List[Tuple[int, int, int]]:
+    """Splits the channels into (group, first, last) blocks of at most ~_BLOCK_ELEMENTS states."""
+    batch, channels, length = u.shape
+    groups = B.shape[1]
+    per_group = channels // groups
+    chunk = _chunk_size(length)
+    per_channel = batch * A.shape[1] * chunk * math.ceil(length / chunk)
+    if channels * per_channel <= _BLOCK_ELEMENTS:
+        return []  # one block: no slicing at all
+    size = max(1, min(per_group, _BLOCK_ELEMENTS // per_channel))
+    return [
+        (k, k * per_group + start, k * per_group + min(start + size, per_group))
+        for k in range(groups)
+        for start in range(0, per_group, size)
+    ]
+
+
+def _block_args(block, u, delta, A, B, C, D, delta_bias):
+    k, first, last = block
+    part = slice(first, last)
+    return (
+        u[:, part], delta[:, part], A[part], B[:, k : k + 1], C[:, k : k + 1],
+        None if D is None else D[part], None if delta_bias is None else delta_bias[part],
+    )
+
+
+def torch_scan_forward(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+) -> Tuple[Tensor, List[Tensor]]:
+    """Selective scan forward (no autograd), same math as ``selective_scan_naive``.
+
+    Large problems are processed in blocks of channels (within one group) so the working set
+    stays in cache; each block runs the chunked scan described in the module docstring.
+
+    Args:
+        u: [batch, K*D, L], fp32/bf16/fp16 (fp64 is computed in fp64, for gradcheck).
+        delta: [batch, K*D, L], u's dtype.
+        A: [K*D, N] fp32, entries <= 0.
+        B, C: [batch, K, N, L].
+        D: [K*D] fp32 or None.
+        delta_bias: [K*D] fp32 or None.
+        delta_softplus: apply softplus to delta + delta_bias.
+
+    Returns:
+        (y, saved): y is fp32 [batch, K*D, L] (fp64 for fp64 inputs). saved = [dt] (the time
+        steps after bias/softplus in the chunk layout [batch, K*D, T, nc], as large as u), plus
+        the states [batch, K*D, T, 1, nc] when N == 1, where they are as small as u too; for
+        N > 1 the backward recomputes the states (N times larger) instead of keeping them.
+    """
+    blocks = _channel_blocks(u, A, B)
+    if not blocks:
+        return _forward_block(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    y = torch.empty(u.shape, dtype=_compute_dtype(u), device=u.device)
+    saved_blocks = []
+    for block in blocks:
+        y_block, saved = _forward_block(
+            *_block_args(block, u, delta, A, B, C, D, delta_bias), delta_softplus
+        )
+        y[:, block[1] : block[2]] = y_block
+        saved_blocks.append(saved)
+    return y, [torch.cat(parts, dim=1) for parts in zip(*saved_blocks)]
+
+
+def torch_scan_backward(
+    dy: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    *saved: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Gradients of the selective scan (no autograd), block by block like the forward.
+
+    Args:
+        dy: gradient of y, [batch, K*D, L] (any float dtype).
+        u, delta, A, B, C, D, delta_bias, delta_softplus: the forward's inputs.
+        *saved: what ``torch_scan_forward`` returned as saved (dt, and the states when N == 1);
+            may be empty, in which case everything is recomputed. Never modified.
+
+    Returns:
+        (du, ddelta, dA, dB, dC, dD, ddelta_bias): du/ddelta in u/delta's dtype [batch, K*D, L],
+        dA fp32 [K*D, N], dB/dC in B/C's dtype [batch, K, N, L], dD and ddelta_bias fp32 [K*D]
+        or None when the input was None.
+    """
+    blocks = _channel_blocks(u, A, B)
+    if not blocks:
+        grads = list(_backward_block(dy, u, delta, A, B, C, D, delta_bias, delta_softplus, *saved))
+    else:
+        dtype = _compute_dtype(u)
+        grads = [
+            torch.empty(u.shape, dtype=dtype, device=u.device),
+            torch.empty(u.shape, dtype=dtype, device=u.device),
+            torch.empty(A.shape, dtype=dtype, device=u.device),
+            torch.zeros(B.shape, dtype=dtype, device=u.device),
+            torch.zeros(C.shape, dtype=dtype, device=u.device),
+            None if D is None else torch.empty(D.shape, dtype=dtype, device=u.device),
+            None if delta_bias is None else torch.empty(u.shape[1], dtype=dtype, device=u.device),
+        ]
+        for block in blocks:
+            k, part = block[0], slice(block[1], block[2])
+            du, ddelta, dA, dB, dC, dD, ddelta_bias = _backward_block(
+                dy[:, part], *_block_args(block, u, delta, A, B, C, D, delta_bias),
+                delta_softplus, *(t[:, part] for t in saved),
+            )
+            grads[0][:, part], grads[1][:, part], grads[2][part] = du, ddelta, dA
+            grads[3][:, k : k + 1] += dB  # B and C are shared by the channels of a group
+            grads[4][:, k : k + 1] += dC
+            if dD is not None:
+                grads[5][part] = dD
+            if ddelta_bias is not None:
+                grads[6][part] = ddelta_bias
+    grads[0], grads[1] = grads[0].to(u.dtype), grads[1].to(delta.dtype)
+    grads[3], grads[4] = grads[3].to(B.dtype), grads[4].to(C.dtype)
+    return tuple(grads)

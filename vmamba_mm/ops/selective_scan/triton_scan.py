@@ -48,6 +48,7 @@ Design
   or state * L products can pass 2**31; masks on channels, states and steps past L.
 """
 
+import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -423,6 +424,11 @@ def _num_sms(device: torch.device) -> Optional[int]:
     return None
 
 
+def _on_device(device: torch.device):
+    # Triton launches on the current CUDA device: make it the tensors' device.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _use_chunk_parallel(tiles: int, n_chunks: int, device: torch.device) -> bool:
     sms = _num_sms(device)
     if sms is None or n_chunks == 1:
@@ -542,7 +548,22 @@ def triton_scan_forward(
     tiles = batch * groups * n_cblk
     if chunk_parallel is None:
         chunk_parallel = _use_chunk_parallel(tiles, n_chunks, u.device)
-    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus))
+    chunk_parallel = bool(chunk_parallel) and n_chunks > 1
+    with _on_device(u.device):
+        _launch_forward(
+            u, delta, A, B, C, D_, bias_, y, h_ckpt, length, channels, d_group, groups, d_state,
+            n_chunks, chunk, n_cblk, tiles, block_c, n_pad, chunk_parallel,
+            has_d=D is not None, has_bias=delta_bias is not None, softplus=bool(delta_softplus),
+        )
+    return y, (h_ckpt,)
+
+
+def _launch_forward(
+    u, delta, A, B, C, D_, bias_, y, h_ckpt, length, channels, d_group, groups, d_state,
+    n_chunks, chunk, n_cblk, tiles, block_c, n_pad, chunk_parallel, has_d, has_bias, softplus,
+) -> None:
+    batch = u.shape[0]
+    flags = dict(HAS_BIAS=has_bias, SOFTPLUS=softplus)
     warps = _num_warps(block_c, n_pad)
     if chunk_parallel:
         loc = torch.empty_like(h_ckpt)
@@ -565,10 +586,9 @@ def triton_scan_forward(
         u, delta, A, B, C, D_, bias_, y, h_ckpt,
         length, channels, d_group, groups, d_state, n_chunks, chunk, chunks_per_prog,
         n_cblk, n_seg,
-        HAS_D=D is not None, FROM_CKPT=bool(chunk_parallel), BLOCK_C=block_c, NP=n_pad,
+        HAS_D=has_d, FROM_CKPT=chunk_parallel, BLOCK_C=block_c, NP=n_pad,
         num_warps=warps, **flags,
     )
-    return y, (h_ckpt,)
 
 
 def triton_scan_backward(
@@ -632,51 +652,52 @@ def triton_scan_backward(
     warps = _num_warps(block_c, n_pad)
     f32 = dict(device=dev, dtype=torch.float32)
 
-    if chunk_parallel:
-        loc = torch.empty_like(h_ckpt)
-        dsum = torch.empty((batch, channels, n_chunks), **f32)
-        _chunk_local_kernel[(tiles * n_chunks,)](
-            dy, delta, A, C, bias_, loc, dsum,
-            length, channels, d_group, groups, d_state, n_chunks, chunk, n_cblk,
-            REVERSE=True, BLOCK_C=block_c, NP=n_pad, num_warps=warps, **flags,
-        )
-        g_ckpt = torch.empty_like(h_ckpt)
-        block_p = _block_channels(channels, n_pad)
-        _propagate_kernel[(batch, triton.cdiv(channels, block_p))](
-            loc, dsum, A, g_ckpt, channels, d_state, n_chunks,
-            REVERSE=True, BLOCK_C=block_p, NP=n_pad,
-        )
-        chunks_per_prog = 1
-    else:
-        g_ckpt = h_ckpt  # not read
-        chunks_per_prog = n_chunks
-    n_seg = triton.cdiv(n_chunks, chunks_per_prog)
-    n_work = tiles * n_seg
-    if max_programs is None:
-        sms = _num_sms(dev)
-        max_programs = 8 * sms if sms is not None else 2
-    n_prog = max(1, min(n_work, max_programs))
+    with _on_device(dev):
+        if chunk_parallel:
+            loc = torch.empty_like(h_ckpt)
+            dsum = torch.empty((batch, channels, n_chunks), **f32)
+            _chunk_local_kernel[(tiles * n_chunks,)](
+                dy, delta, A, C, bias_, loc, dsum,
+                length, channels, d_group, groups, d_state, n_chunks, chunk, n_cblk,
+                REVERSE=True, BLOCK_C=block_c, NP=n_pad, num_warps=warps, **flags,
+            )
+            g_ckpt = torch.empty_like(h_ckpt)
+            block_p = _block_channels(channels, n_pad)
+            _propagate_kernel[(batch, triton.cdiv(channels, block_p))](
+                loc, dsum, A, g_ckpt, channels, d_state, n_chunks,
+                REVERSE=True, BLOCK_C=block_p, NP=n_pad,
+            )
+            chunks_per_prog = 1
+        else:
+            g_ckpt = h_ckpt  # not read
+            chunks_per_prog = n_chunks
+        n_seg = triton.cdiv(n_chunks, chunks_per_prog)
+        n_work = tiles * n_seg
+        if max_programs is None:
+            sms = _num_sms(dev)
+            max_programs = 8 * sms if sms is not None else 2
+        n_prog = max(1, min(n_work, max_programs))
 
-    du = torch.empty((batch, channels, length), device=dev, dtype=u_dtype)
-    ddelta = torch.empty((batch, channels, length), device=dev, dtype=delta_dtype)
-    dA_part = torch.empty((batch, n_seg, channels, d_state), **f32)
-    dD_part = torch.empty((batch, n_seg, channels), **f32)
-    dbias_part = torch.empty((batch, n_seg, channels), **f32)
-    dB_part = torch.empty((batch, groups, n_cblk, d_state, length), **f32)
-    dC_part = torch.empty((batch, groups, n_cblk, d_state, length), **f32)
-    workspace = torch.empty((n_prog, chunk, block_c, n_pad), **f32)
-    if length > 0:
-        _scan_bwd_kernel[(n_prog,)](
-            dy, u, delta, A, B, C, D_, bias_, h_ckpt, g_ckpt, workspace,
-            du, ddelta, dA_part, dD_part, dbias_part, dB_part, dC_part,
-            length, channels, d_group, groups, d_state, n_chunks, chunk, chunks_per_prog,
-            n_cblk, n_seg, n_work, triton.cdiv(n_work, n_prog),
-            HAS_D=D is not None, HAS_GCK=chunk_parallel, BLOCK_C=block_c, NP=n_pad,
-            num_warps=warps, **flags,
-        )
-    else:
-        for t in (dA_part, dD_part, dbias_part):
-            t.zero_()
+        du = torch.empty((batch, channels, length), device=dev, dtype=u_dtype)
+        ddelta = torch.empty((batch, channels, length), device=dev, dtype=delta_dtype)
+        dA_part = torch.empty((batch, n_seg, channels, d_state), **f32)
+        dD_part = torch.empty((batch, n_seg, channels), **f32)
+        dbias_part = torch.empty((batch, n_seg, channels), **f32)
+        dB_part = torch.empty((batch, groups, n_cblk, d_state, length), **f32)
+        dC_part = torch.empty((batch, groups, n_cblk, d_state, length), **f32)
+        workspace = torch.empty((n_prog, chunk, block_c, n_pad), **f32)
+        if length > 0:
+            _scan_bwd_kernel[(n_prog,)](
+                dy, u, delta, A, B, C, D_, bias_, h_ckpt, g_ckpt, workspace,
+                du, ddelta, dA_part, dD_part, dbias_part, dB_part, dC_part,
+                length, channels, d_group, groups, d_state, n_chunks, chunk, chunks_per_prog,
+                n_cblk, n_seg, n_work, triton.cdiv(n_work, n_prog),
+                HAS_D=D is not None, HAS_GCK=chunk_parallel, BLOCK_C=block_c, NP=n_pad,
+                num_warps=warps, **flags,
+            )
+        else:
+            for t in (dA_part, dD_part, dbias_part):
+                t.zero_()
     dA = dA_part.sum((0, 1))
     dB = dB_part.sum(2).to(B_dtype)
     dC = dC_part.sum(2).to(C_dtype)
