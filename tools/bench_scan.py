@@ -219,6 +219,8 @@ def _loop_affordable(backend: str, shape, mode: str, device: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="acceptance shapes, fewer repeats")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated substrings; only shapes whose name contains one")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per backend")
@@ -234,6 +236,9 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK]
+    if args.shapes:
+        wanted = [w.strip() for w in args.shapes.split(",")]
+        shapes = [s for s in shapes if any(w in s[0] for w in wanted)]
     bandwidth, bandwidth_source = (None, "")
     if device == "cuda":
         bandwidth, bandwidth_source = _device_bandwidth(torch.device("cuda"))

@@ -102,6 +102,8 @@ def test_layer_wise_lr_and_weight_decay_of_every_parameter(detector):
     assert settings["backbone.outnorm2.weight"] == (BASE_LR, 0.0)
     assert settings["neck.weight"] == (BASE_LR, BASE_WD)
     assert settings["neck.bias"] == (BASE_LR, 0.0)
+    # mmengine logs the first group's lr: it should be the configured one.
+    assert optimizer.param_groups[0]["lr"] == BASE_LR
 
 
 def test_stage_wise_lr(detector):

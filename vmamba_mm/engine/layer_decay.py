@@ -189,4 +189,5 @@ class VMambaLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         print_log(f"VMambaLayerDecayOptimizerConstructor: {self.decay_type} decay "
                   f"{self.decay_rate} over {expected} layers, {len(groups)} param groups",
                   logger="current")
-        params.extend(groups[key] for key in sorted(groups))
+        # Top layers first: mmengine logs the lr of the first group, which is then the base lr.
+        params.extend(groups[key] for key in sorted(groups, key=lambda k: (-k[0], k[1])))

@@ -152,6 +152,10 @@ class SS2D(nn.Module):
         if self.gated:
             # The vanilla models scan in float32 whatever the activation dtype.
             xs, dts, Bs, Cs = xs.float(), dts.float(), Bs.float(), Cs.float()
+        else:
+            # The v2 models scan in the activation dtype (fp16/bf16 under AMP); the projections
+            # may come out of autocast in another dtype than xs.
+            dts, Bs, Cs = dts.to(xs.dtype), Bs.to(xs.dtype), Cs.to(xs.dtype)
         ys = selective_scan(
             xs, dts, -torch.exp(self.A_logs.float()), Bs.contiguous(), Cs.contiguous(),
             self.Ds.float(), self.dt_projs_bias.float().reshape(-1), delta_softplus=True,

@@ -230,6 +230,7 @@ def _scan_bwd_fake(dy, u, delta, A, B, C, D, delta_bias, delta_softplus, backend
 def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, delta_bias, delta_softplus, backend = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])  # the backend's saved tensors are not results
     ctx.delta_softplus = delta_softplus
     ctx.backend = backend
 

@@ -334,7 +334,7 @@ def _backward_block(
 
 # Elements of one [batch, channels, N, T, nc] state buffer per channel block: the scan's working
 # set (three such buffers in the backward) then stays in the CPU's caches, which matters for N > 1.
-_BLOCK_ELEMENTS = 1 << 23
+_BLOCK_ELEMENTS = 1 << 21
 
 
 def _channel_blocks(u: Tensor, A: Tensor, B: Tensor) -> List[Tuple[int, int, int]]:
