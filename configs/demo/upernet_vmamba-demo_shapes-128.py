@@ -13,7 +13,7 @@ classes = ('background', 'circle', 'square', 'triangle')
 palette = [(40, 40, 40), (220, 20, 60), (0, 130, 230), (250, 170, 30)]
 image_size = 128
 crop_size = (image_size, image_size)
-max_iters = 600
+max_iters = 400
 batch_size = 4
 dims = [32, 64, 128, 256]
 # Plain BN: SyncBN needs CUDA, and the demo also runs under CPU DDP.

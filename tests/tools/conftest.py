@@ -27,6 +27,9 @@ def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
         first = coco["images"][0]
         shutil.copy(root / "images" / split / first["file_name"],
                     root / "images" / split / "empty.jpg")
+        # The segmentation side needs its label map (mmseg lists the picture folder).
+        shutil.copy(root / "seg" / split / first["file_name"].replace(".jpg", ".png"),
+                    root / "seg" / split / "empty.png")
         coco["images"].append(dict(first, id=len(coco["images"]) + 1, file_name="empty.jpg"))
         ann_file.write_text(json.dumps(coco))
     return root

@@ -63,8 +63,8 @@ def test_train_two_iterations_resume_then_test_the_checkpoint(
         run_tool(["tools/test.py", str(config), str(checkpoint), "--work-dir", str(work_dir),
                   "--out", str(out), "--show-dir", str(tmp_path / "vis"), "--cfg-options",
                   "default_hooks.visualization.interval=1", *SMALL_PIPELINES], tiny_shapes)
-        assert len(list(out.glob("*.png"))) == 2
-        assert len(list((tmp_path / "vis").rglob("*.png"))) == 2
+        assert len(list(out.glob("*.png"))) == 3
+        assert len(list((tmp_path / "vis").rglob("*.png"))) == 3
         metric_keys = {"mIoU", "aAcc"}
     dumped = [json.loads(p.read_text()) for p in work_dir.glob("*/*.json")
               if p.stem == p.parent.name]

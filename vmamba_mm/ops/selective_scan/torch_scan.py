@@ -183,7 +183,7 @@ def _forward_block(
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
 ) -> Tuple[Tensor, List[Tensor]]:
-    """Selective scan forward (no autograd), same math as ``selective_scan_naive``.
+    """Forward of one block of channels (all of them when the problem is small).
 
     Args:
         u: [batch, K*D, L], fp32/bf16/fp16.
@@ -255,7 +255,7 @@ def _backward_block(
     delta_softplus: bool,
     *saved: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Gradients of the selective scan, recomputing the forward states chunk by chunk.
+    """Backward of one block of channels; grads in the compute dtype (fp32, or fp64).
 
     Args:
         dy: gradient of y, [batch, K*D, L] (any float dtype).
@@ -264,9 +264,8 @@ def _backward_block(
             may be empty, in which case everything is recomputed. Never modified.
 
     Returns:
-        (du, ddelta, dA, dB, dC, dD, ddelta_bias): du/ddelta in u/delta's dtype [batch, K*D, L],
-        dA fp32 [K*D, N], dB/dC in B/C's dtype [batch, K, N, L], dD and ddelta_bias fp32 [K*D]
-        or None when the input was None.
+        (du, ddelta, dA, dB, dC, dD, ddelta_bias) in the compute dtype: [batch, K*D, L] twice,
+        [K*D, N], [batch, K, N, L] twice, then [K*D] (or None when the input was None) twice.
     """
     dt_saved = saved[0] if saved else None
     h_saved = saved[1] if len(saved) > 1 else None
