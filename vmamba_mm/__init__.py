@@ -17,12 +17,16 @@ def _mmengine_available() -> bool:
     return True
 
 
+# Importing the models registers the VMamba backbone in mmengine's root MODELS registry when
+# mmengine imports; they work without it.
+from . import models  # noqa: E402,F401
+
 if _mmengine_available():
-    from . import mmengine_compat
+    from . import (
+        engine,  # noqa: F401  (registers VMambaLayerDecayOptimizerConstructor)
+        mmengine_compat,
+    )
 
     mmengine_compat.install()
 
 __all__ = ["__version__"]
-
-# Registers the VMamba backbone in mmengine's root MODELS registry (when mmengine imports).
-from . import models  # noqa: E402,F401

@@ -2,22 +2,29 @@
 
 The recurrence h_t = a_t * h_{t-1} + x_t (a_t = exp(delta_t * A), x_t = delta_t * B_t * u_t) is
 evaluated in chunks of T steps. The time axis [L] is laid out as [T, nc] (nc = ceil(L / T) chunks)
-behind the channel axes, [batch, K*D, T, (N,) nc], so one Python step advances all chunks of all
-channels at once, and converting from/to [batch, K*D, L] is a small per-channel transpose:
+with the time-in-chunk axis first, [T, batch, K*D, nc], so that step t of every chunk of every
+channel is one contiguous slice and one Python step advances all chunks at once:
 
-1. level 1: a scan inside every chunk from a zero state (T Python steps on [batch, K*D, N, nc]);
+1. level 1: a scan inside every chunk from a zero state, keeping only the running state (T steps);
 2. level 2: a scan over the chunk ends that yields the true state entering each chunk (nc steps on
    [batch, K*D, N], with the whole-chunk decay exp(A * sum(delta)));
-3. a fix-up pass that adds the carried state, decayed step by step, to every position.
+3. level 3: the scan inside every chunk again, now from the true entering states, which gives the
+   true state h_t at every step; y_t = sum_n C_t h_t is reduced on the spot.
 
-With T about sqrt(L) both loops take about sqrt(L) Python steps. The backward recomputes the states
-and runs the same scheme in reverse time for the adjoint g_t = C_t * dy_t + a_{t+1} * g_{t+1}.
+With T about sqrt(L) every loop takes about sqrt(L) Python steps, and every operation inside them
+works on one step's slice [batch, K*D, N, nc], which stays in the CPU caches. This matters for
+N = 16, where a full [batch, K*D, N, L] buffer is 16 times larger than u: the forward never
+materialises one (the decays and inputs exp(dt*A), dt*B*u are recomputed per step, which is
+cheaper than streaming them through memory), and the backward materialises exactly one, the
+recomputed states. The backward runs the same three levels in reverse time for the adjoint
+g_t = C_t dy_t + a_{t+1} g_{t+1} and reduces every gradient step by step.
+
 Nothing ever divides by a decay: decays may underflow to zero (very negative A, large delta) and
-the result stays finite. The state is float32 whatever the input dtype.
+the result stays finite; the backward reads h_{t-1} from the recomputed states. The state is
+float32 whatever the input dtype (float64 for float64 inputs, for gradcheck).
 
-Memory: the forward holds two [batch, K*D, N, L] float32 buffers, the backward three. Between
-them the forward keeps the discretised time steps (as large as u) and, for N = 1 only, the states
-(as large as u too); for N > 1 the backward recomputes the states, as the CUDA kernels do.
+Saved for the backward: for N = 1 the time steps dt and the states (each as large as u); for
+N > 1 only the states entering each chunk ([batch, K*D, N, nc], 1/T of a state buffer).
 """
 
 import math
@@ -29,20 +36,16 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
-def _chunk_size(length: int) -> int:
-    """Steps per chunk: about sqrt(L), which balances the two Python loops."""
-    return max(1, math.ceil(math.sqrt(length)))
+def _chunk_size(length: int, d_state: int) -> int:
+    """Steps per chunk T.
 
-
-def _softplus(x: Tensor) -> Tensor:
-    """softplus with the kernels' threshold 20 (log1p(exp(v)) for v <= 20, else v)."""
-    return F.softplus(x)
-
-
-def _pad_time(x: Tensor, padded: int) -> Tensor:
-    """Zero-pads the last (time) axis to ``padded`` steps."""
-    extra = padded - x.shape[-1]
-    return F.pad(x, (0, extra)) if extra else x
+    About sqrt(L) balances the Python steps of the levels (T steps each) against the chunk-level
+    scan (nc = L / T steps). For N > 1 longer chunks (fewer of them) make each step's slice
+    [batch, K*D, N, nc] smaller, so the per-step working set stays in the caches; the chunk-level
+    scan works on small [batch, K*D, N] tensors and its extra steps are cheap.
+    """
+    factor = 1.0 if d_state == 1 else 2.0
+    return max(1, min(length, math.ceil(factor * math.sqrt(length))))
 
 
 def _compute_dtype(u: Tensor) -> torch.dtype:
@@ -50,127 +53,143 @@ def _compute_dtype(u: Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
-def _to_chunks(x: Tensor, chunk: int, padded: int, dtype: torch.dtype) -> Tensor:
-    """[b, X, (N,) L] -> fresh contiguous [b, X, T, (N,) nc] (time-in-chunk, chunk index last)."""
-    x = _pad_time(x, padded).unflatten(-1, (-1, chunk)).movedim(-1, 2)
+def _to_steps(x: Tensor, chunk: int, padded: int, dtype: torch.dtype) -> Tensor:
+    """[b, X.., L] -> fresh contiguous [T, b, X.., nc] (zero-padded to T * nc steps)."""
+    extra = padded - x.shape[-1]
+    if extra:
+        x = F.pad(x, (0, extra))
+    x = x.unflatten(-1, (-1, chunk)).movedim(-1, 0)
     return x.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def _from_chunks(x: Tensor, length: int) -> Tensor:
-    """[b, X, T, (N,) nc] -> [b, X, (N,) length], always a fresh tensor (never a buffer's view)."""
-    x = x.movedim(2, -1).flatten(-2)[..., :length]
-    return x.clone(memory_format=torch.contiguous_format)
-
-
 def _natural(x: Tensor, length: int) -> Tensor:
-    """[b, X, T, nc] -> [b, X, nc, T] view when unpadded, else a trimmed [b, X, 1, L] copy."""
-    x = x.transpose(-1, -2)  # [b, X, nc, T]
+    """[T, b, X, nc] -> [b, X, nc, T] view when unpadded, else a trimmed [b, X, 1, L] copy."""
+    x = x.permute(1, 2, 3, 0)
     if x.shape[-1] * x.shape[-2] == length:
         return x
     return x.flatten(-2)[..., :length].unflatten(-1, (1, length))
 
 
-class _Prepared:
-    """fp32 (fp64 for fp64 inputs), padded, chunk-laid-out inputs shared by forward and backward.
+def _from_steps(x: Tensor, length: int) -> Tensor:
+    """[T, b, X.., nc] -> fresh contiguous [b, X.., length]."""
+    x = x.movedim(0, -1).flatten(-2)[..., :length]
+    return x.clone(memory_format=torch.contiguous_format)
 
-    Every [.., L] tensor is held as [b, .., T, (N,) nc]: the per-step slices of the scan loops
-    are runs of N*nc contiguous values and all elementwise passes run over contiguous memory.
+
+def _contract(x: Tensor, y: Tensor, dim: int, out: Tensor, scratch: Tensor) -> None:
+    """out = sum over ``dim`` of x * y (broadcast); a single multiply when that axis has size 1."""
+    if scratch.shape[dim] == 1:
+        torch.mul(x, y, out=out.unsqueeze(dim))
+    else:
+        torch.mul(x, y, out=scratch)
+        torch.sum(scratch, dim, out=out)
+
+
+class _Prepared:
+    """Inputs in the compute dtype and the step layout, shared by the forward and the backward.
+
+    Per-channel tensors are [T, b, K*D, nc] and are read per step through [T, b, K, D, 1, nc]
+    views; B and C are [T, b, K, N, nc], read through [T, b, K, 1, N, nc] views, so that every
+    product broadcasts over the group's channels without copying B and C per channel. A state
+    slice is [b, K, D, N, nc].
     """
 
     def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus, dt_l=None):
         batch, channels, length = u.shape
         groups, d_state = B.shape[1], A.shape[1]
-        self.shape = (batch, channels, length, groups, channels // groups, d_state)
-        self.chunk = chunk = _chunk_size(length)
-        self.n_chunks = math.ceil(length / chunk)
-        self.padded = padded = chunk * self.n_chunks
+        per_group = channels // groups
+        self.shape = (batch, channels, length, groups, per_group, d_state)
+        self.chunk = chunk = _chunk_size(length, d_state)
+        self.n_chunks = n_chunks = math.ceil(length / chunk)
+        self.padded = padded = chunk * n_chunks
         self.dtype = dtype = _compute_dtype(u)
-        self.A = A.to(dtype)
-        self.u_l = _to_chunks(u, chunk, padded, dtype)  # [b, K*D, T, nc]
+        self.state_shape = (batch, groups, per_group, d_state, n_chunks)
+        self.A_g = A.to(dtype).view(1, groups, per_group, d_state, 1)
+        self.u_l = _to_steps(u, chunk, padded, dtype)  # [T, b, K*D, nc]
         if dt_l is None:
-            dt_l = _to_chunks(delta, chunk, padded, dtype)
+            dt_l = _to_steps(delta, chunk, padded, dtype)
             if delta_bias is not None:
-                dt_l.add_(delta_bias.to(dtype)[None, :, None, None])
+                dt_l.add_(delta_bias.to(dtype)[None, None, :, None])
             if delta_softplus:
-                dt_l = _softplus(dt_l)
+                dt_l = F.softplus(dt_l)  # threshold 20, as the kernels
             # Padded steps must be exact no-ops: dt = 0 gives a = 1 and x = 0.
-            dt_l[:, :, length - (self.n_chunks - 1) * chunk :, -1] = 0
-        self.dt_l = dt_l  # [b, K*D, T, nc], read-only from here on (it may be a saved tensor)
+            dt_l[length - (n_chunks - 1) * chunk :, :, :, -1] = 0
+        self.dt_l = dt_l  # read-only from here on (it may be a saved tensor)
         self.dtu_l = dt_l * self.u_l
-        self.B_l = _to_chunks(B, chunk, padded, dtype).unsqueeze(2)  # [b, K, 1, T, N, nc]
-        self.C_l = _to_chunks(C, chunk, padded, dtype).unsqueeze(2)
+        self.B_l = _to_steps(B, chunk, padded, dtype)  # [T, b, K, N, nc]
+        self.C_l = _to_steps(C, chunk, padded, dtype)
 
-    def grouped(self, x: Tensor) -> Tensor:
-        """[b, K*D, T, N, nc] -> view [b, K, D, T, N, nc] (channel c belongs to group c // D)."""
-        _, _, _, groups, per_group, _ = self.shape
-        return x.unflatten(1, (groups, per_group))
+    def per_channel(self, x: Tensor) -> Tensor:
+        """[T, b, K*D, nc] -> view [T, b, K, D, 1, nc]."""
+        batch, _, _, groups, per_group, _ = self.shape
+        return x.view(x.shape[0], batch, groups, per_group, 1, x.shape[-1])
 
     def per_group(self, x: Tensor) -> Tensor:
-        """[b, K*D, T, nc] -> view [b, K, D, T, 1, nc], broadcastable against B/C layouts."""
-        return self.grouped(x.unsqueeze(3))
+        """[T, b, K, N, nc] -> view [T, b, K, 1, N, nc]."""
+        return x.unsqueeze(3)
 
-    def new_state_buffer(self) -> Tensor:
-        batch, channels, _, _, _, d_state = self.shape
-        shape = (batch, channels, self.chunk, d_state, self.n_chunks)
-        return torch.empty(shape, dtype=self.dtype, device=self.u_l.device)
-
-    def decays(self) -> Tensor:
-        """a = exp(dt * A) in chunk layout, [b, K*D, T, N, nc]."""
-        a = self.new_state_buffer()
-        torch.mul(self.dt_l.unsqueeze(3), self.A[None, :, None, :, None], out=a)
-        return a.exp_()
+    def state(self) -> Tensor:
+        return torch.empty(self.state_shape, dtype=self.dtype, device=self.u_l.device)
 
     def chunk_decays(self) -> Tensor:
-        """Decay over each whole chunk, exp(A * sum_t dt_t), as [nc, b, K*D, N]."""
-        dt_sum = self.dt_l.sum(2).movedim(-1, 0)  # [nc, b, K*D]
-        return torch.exp(dt_sum.unsqueeze(-1) * self.A)
+        """Decay over each whole chunk, exp(A * sum_t dt_t), as [nc, b, K, D, N]."""
+        dt_sum = self.per_channel(self.dt_l).sum(0)  # [b, K, D, 1, nc]
+        return torch.exp(dt_sum * self.A_g).movedim(-1, 0).contiguous()
 
 
-def _forward_states(prep: _Prepared, a: Tensor) -> Tensor:
-    """Runs the two-level scan; returns the states h in chunk layout, [b, K*D, T, N, nc]."""
-    h = prep.new_state_buffer()
-    torch.mul(prep.per_group(prep.dtu_l), prep.B_l, out=prep.grouped(h))  # x_t
+def _decay(prep: _Prepared, dt_g: Tensor, t: int, out: Tensor) -> Tensor:
+    """a_t = exp(dt_t * A) for step t of every chunk, written into ``out`` [b, K, D, N, nc]."""
+    torch.mul(dt_g[t], prep.A_g, out=out)
+    return out.exp_()
+
+
+def _entering_states(prep: _Prepared) -> Tensor:
+    """Levels 1 and 2: the true state entering each chunk, [b, K, D, N, nc] (zero for chunk 0)."""
+    dt_g, dtu_g, B_g = prep.per_channel(prep.dt_l), prep.per_channel(prep.dtu_l), prep.per_group(
+        prep.B_l
+    )
+    h, a = prep.state(), prep.state()
+    torch.mul(dtu_g[0], B_g[0], out=h)
     for t in range(1, prep.chunk):
-        h[:, :, t].addcmul_(a[:, :, t], h[:, :, t - 1])
-    if prep.n_chunks > 1:
-        ends = h[:, :, -1].movedim(-1, 0).contiguous()  # [nc, b, K*D, N] chunk-local end states
-        whole = prep.chunk_decays()
-        entering = torch.zeros_like(ends)  # true state entering each chunk
-        for j in range(prep.n_chunks - 1):
-            torch.addcmul(ends[j], whole[j], entering[j], out=entering[j + 1])
-        carry = entering.movedim(0, -1).contiguous()  # [b, K*D, N, nc]
-        for t in range(prep.chunk):
-            carry.mul_(a[:, :, t])
-            h[:, :, t].add_(carry)
-    return h
+        h.mul_(_decay(prep, dt_g, t, a)).addcmul_(dtu_g[t], B_g[t])
+    ends = h.movedim(-1, 0).contiguous()  # [nc, b, K, D, N] chunk-local end states
+    whole = prep.chunk_decays()
+    entering = torch.empty_like(ends)
+    entering[0].zero_()
+    for j in range(prep.n_chunks - 1):
+        torch.addcmul(ends[j], whole[j], entering[j], out=entering[j + 1])
+    return entering.movedim(0, -1).contiguous()
 
 
-def _reverse_adjoint(prep: _Prepared, a: Tensor, g: Tensor) -> Tensor:
-    """Turns g = C * dy (chunk layout), in place, into the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}.
+def _level3_states(
+    prep: _Prepared, entering: Tensor, states: Optional[Tensor], dy_l: Optional[Tensor],
+    y_l: Optional[Tensor], dC_l: Optional[Tensor],
+) -> None:
+    """Level 3: runs the recurrence from the entering states, step by step.
 
-    Returns:
-        g, [b, K*D, T, N, nc].
+    Writes the states into ``states`` [T, b, K, D, N, nc] when given (else keeps only the running
+    state), y_t = sum_n C_t h_t into ``y_l`` [T, b, K*D, nc] when given, and
+    dC_t = sum_d dy_t h_t into ``dC_l`` [T, b, K, N, nc] when given (dy_l is then needed).
     """
-    for t in range(prep.chunk - 2, -1, -1):
-        g[:, :, t].addcmul_(a[:, :, t + 1], g[:, :, t + 1])
-    if prep.n_chunks > 1:
-        starts = (a[:, :, 0] * g[:, :, 0]).movedim(-1, 0).contiguous()  # [nc, b, K*D, N]
-        whole = prep.chunk_decays()
-        # leaving[j] = a_{s} * g_{s} at the first step s of chunk j + 1 (true adjoint).
-        leaving = torch.zeros_like(starts)
-        for j in range(prep.n_chunks - 2, -1, -1):
-            torch.addcmul(starts[j + 1], whole[j + 1], leaving[j + 1], out=leaving[j])
-        carry = leaving.movedim(0, -1).contiguous()  # [b, K*D, N, nc]
-        g[:, :, -1].add_(carry)
-        for t in range(prep.chunk - 2, -1, -1):
-            carry.mul_(a[:, :, t + 1])
-            g[:, :, t].add_(carry)
-    return g
-
-
-def _sum_states(prep: _Prepared, x: Tensor) -> Tensor:
-    """Sums [b, K, D, T, N, nc] over N -> [b, K, D, T, nc] (a view when N == 1)."""
-    return x.squeeze(4) if prep.shape[5] == 1 else x.sum(4)
+    dt_g, dtu_g = prep.per_channel(prep.dt_l), prep.per_channel(prep.dtu_l)
+    B_g, C_g = prep.per_group(prep.B_l), prep.per_group(prep.C_l)
+    batch, _, _, groups, per_group, _ = prep.shape
+    a, scratch = prep.state(), prep.state()
+    prev = entering
+    running = None if states is not None else entering.clone()
+    for t in range(prep.chunk):
+        _decay(prep, dt_g, t, a)
+        if states is not None:
+            h = torch.mul(a, prev, out=states[t])
+        else:
+            h = running.mul_(a)
+        h.addcmul_(dtu_g[t], B_g[t])
+        if y_l is not None:
+            y_t = y_l[t].view(batch, groups, per_group, -1)
+            _contract(h, C_g[t], 3, y_t, scratch)
+        if dC_l is not None:
+            _contract(h, prep.per_channel(dy_l)[t], 2, dC_l[t], scratch)
+        prev = h
 
 
 def _forward_block(
@@ -185,37 +204,34 @@ def _forward_block(
 ) -> Tuple[Tensor, List[Tensor]]:
     """Forward of one block of channels (all of them when the problem is small).
 
-    Args:
-        u: [batch, K*D, L], fp32/bf16/fp16.
-        delta: [batch, K*D, L], same dtype family as u.
-        A: [K*D, N] fp32, entries <= 0.
-        B, C: [batch, K, N, L].
-        D: [K*D] fp32 or None.
-        delta_bias: [K*D] fp32 or None.
-        delta_softplus: apply softplus to delta + delta_bias.
-
-    Returns:
-        (y, saved): y is fp32 [batch, K*D, L] (fp64 for fp64 inputs). saved = [dt] (the time
-        steps after bias/softplus in the chunk layout [batch, K*D, T, nc], as large as u), plus
-        the states [batch, K*D, T, 1, nc] when N == 1, where they are as small as u too; for
-        N > 1 the backward recomputes the states (N times larger) instead of keeping them.
+    Args and Returns: as ``torch_scan_forward``.
     """
     prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
-    length = prep.shape[2]
-    a = prep.decays()
-    h = _forward_states(prep, a)
-    # y_t = sum_n C_t h_t; the decay buffer is free now and takes the product.
-    prod = prep.grouped(a)
-    torch.mul(prep.grouped(h), prep.C_l, out=prod)
-    y_l = _natural(_sum_states(prep, prod).flatten(1, 2), length)  # [b, K*D, nc, T] view
-    y = torch.empty(y_l.shape, dtype=prep.dtype, device=u.device)
+    length, d_state = prep.shape[2], prep.shape[5]
+    entering = _entering_states(prep)
+    y_l = torch.empty(prep.u_l.shape, dtype=prep.dtype, device=u.device)  # [T, b, K*D, nc]
+    # For N = 1 the states are as small as u: keep them, the backward then skips a level.
+    states = torch.empty((prep.chunk, *prep.state_shape), dtype=prep.dtype, device=u.device) if (
+        d_state == 1
+    ) else None
+    _level3_states(prep, entering, states, None, y_l, None)
+    y_nat = _natural(y_l, length)
+    y = torch.empty(y_nat.shape, dtype=prep.dtype, device=u.device)
     # One pass writes y in the natural layout (and adds the D skip on the way).
     if D is not None:
-        torch.addcmul(y_l, u.reshape(y.shape), D.to(prep.dtype)[None, :, None, None], out=y)
+        torch.addcmul(y_nat, u.reshape(y.shape), D.to(prep.dtype)[None, :, None, None], out=y)
     else:
-        y.copy_(y_l)
-    saved = [prep.dt_l, h] if prep.shape[5] == 1 else [prep.dt_l]
+        y.copy_(y_nat)
+    if d_state == 1:
+        saved = [prep.dt_l, states.view(prep.u_l.shape)]
+    else:
+        saved = [entering.flatten(1, 2)]  # [b, K*D, N, nc]
     return y.view(u.shape), saved
+
+
+def _saved_channel_dim(d_state: int) -> int:
+    """The channel axis of the saved tensors: [T, b, K*D, nc] (N = 1), [b, K*D, N, nc] (N > 1)."""
+    return 2 if d_state == 1 else 1
 
 
 def torch_scan_forward_fake(
@@ -234,13 +250,37 @@ def torch_scan_forward_fake(
         (y, saved): empty tensors shaped like ``torch_scan_forward``'s outputs.
     """
     batch, channels, length = u.shape
-    chunk = _chunk_size(int(length))  # the chunking depends on L's value: specialise on it
+    d_state = A.shape[1]
+    # The chunking depends on L's value: specialise on it.
+    chunk = _chunk_size(int(length), int(d_state))
     n_chunks = math.ceil(int(length) / chunk)
     dtype = _compute_dtype(u)
-    saved = [u.new_empty((batch, channels, chunk, n_chunks), dtype=dtype)]
-    if A.shape[1] == 1:
-        saved.append(u.new_empty((batch, channels, chunk, 1, n_chunks), dtype=dtype))
+    if d_state == 1:
+        saved = [u.new_empty((chunk, batch, channels, n_chunks), dtype=dtype) for _ in range(2)]
+    else:
+        saved = [u.new_empty((batch, channels, d_state, n_chunks), dtype=dtype)]
     return u.new_empty(u.shape, dtype=dtype), saved
+
+
+def _reverse_entering(prep: _Prepared, dy_g: Tensor) -> Tensor:
+    """Reverse levels 1 and 2: the adjoint arriving at each chunk's last step from later chunks.
+
+    Returns:
+        [b, K, D, N, nc]: a_s g_s at the first step s of the next chunk (zero for the last chunk).
+    """
+    dt_g, C_g = prep.per_channel(prep.dt_l), prep.per_group(prep.C_l)
+    g, a = prep.state(), prep.state()
+    last = prep.chunk - 1
+    torch.mul(C_g[last], dy_g[last], out=g)
+    for t in range(last - 1, -1, -1):
+        g.mul_(_decay(prep, dt_g, t + 1, a)).addcmul_(C_g[t], dy_g[t])
+    starts = g.mul_(_decay(prep, dt_g, 0, a)).movedim(-1, 0).contiguous()  # [nc, b, K, D, N]
+    whole = prep.chunk_decays()
+    leaving = torch.empty_like(starts)
+    leaving[-1].zero_()
+    for j in range(prep.n_chunks - 2, -1, -1):
+        torch.addcmul(starts[j + 1], whole[j + 1], leaving[j + 1], out=leaving[j])
+    return leaving.movedim(0, -1).contiguous()
 
 
 def _backward_block(
@@ -260,60 +300,74 @@ def _backward_block(
     Args:
         dy: gradient of y, [batch, K*D, L] (any float dtype).
         u, delta, A, B, C, D, delta_bias, delta_softplus: the forward's inputs.
-        *saved: what ``torch_scan_forward`` returned as saved (dt, and the states when N == 1);
-            may be empty, in which case everything is recomputed. Never modified.
+        *saved: what ``torch_scan_forward`` returned as saved; may be empty, in which case
+            everything is recomputed. Never modified.
 
     Returns:
         (du, ddelta, dA, dB, dC, dD, ddelta_bias) in the compute dtype: [batch, K*D, L] twice,
         [K*D, N], [batch, K, N, L] twice, then [K*D] (or None when the input was None) twice.
     """
-    dt_saved = saved[0] if saved else None
-    h_saved = saved[1] if len(saved) > 1 else None
+    d_state = A.shape[1]
+    dt_saved = saved[0] if saved and d_state == 1 else None
     prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus, dt_l=dt_saved)
-    length, d_state = prep.shape[2], prep.shape[5]
-    dy_l = _to_chunks(dy, prep.chunk, prep.padded, prep.dtype)  # [b, K*D, T, nc]
-    dy_g = prep.per_group(dy_l)  # [b, K, D, T, 1, nc]
+    batch, _, length, groups, per_group, _ = prep.shape
+    chunk, n_chunks = prep.chunk, prep.n_chunks
+    device = u.device
+    dy_l = _to_steps(dy, chunk, prep.padded, prep.dtype)  # [T, b, K*D, nc]
+    dy_g = prep.per_channel(dy_l)
+    dt_g, dtu_g = prep.per_channel(prep.dt_l), prep.per_channel(prep.dtu_l)
+    B_g, C_g = prep.per_group(prep.B_l), prep.per_group(prep.C_l)
+    scratch = prep.state()
 
-    a = prep.decays()
-    h = _forward_states(prep, a) if h_saved is None else h_saved
-    g = prep.new_state_buffer()
-    # dC = sum over the group's channels of dy * h (g's buffer is scratch until it holds g).
-    torch.mul(prep.grouped(h), dy_g, out=prep.grouped(g))
-    dC_l = prep.grouped(g).sum(2)  # [b, K, T, N, nc]
-    torch.mul(prep.C_l, dy_g, out=prep.grouped(g))
-    _reverse_adjoint(prep, a, g)
+    # The true states at every step, [T, b, K, D, N, nc], and the state entering each chunk.
+    group_shape = (chunk, *prep.state_shape[:2], d_state, n_chunks)  # [T, b, K, N, nc]
+    dC_l = torch.empty(group_shape, dtype=prep.dtype, device=device)
+    if d_state == 1 and saved:
+        states = saved[1].view(chunk, *prep.state_shape)
+        entering = torch.zeros(prep.state_shape, dtype=prep.dtype, device=device)
+        entering[..., 1:] = states[-1, ..., :-1]
+        torch.sum(states * dy_g, 3, out=dC_l.view(chunk, batch, groups, n_chunks))
+    else:
+        if saved:
+            entering = saved[0].view(prep.state_shape)
+        else:
+            entering = _entering_states(prep)
+        states = torch.empty((chunk, *prep.state_shape), dtype=prep.dtype, device=device)
+        _level3_states(prep, entering, states, dy_l, None, dC_l)
 
-    # Gradient w.r.t. the log-decay dt*A: g_t * a_t * h_{t-1}, with h_{t-1} read from the
-    # shifted states (no division, no cancellation). Written over a.
-    dlog = a.mul_(g)
-    dlog[:, :, 1:].mul_(h[:, :, :-1])
-    dlog[:, :, 0, :, 1:].mul_(h[:, :, -1, :, :-1])
-    dlog[:, :, 0, :, 0].zero_()
-    # The recomputed states are no longer needed and become scratch; saved ones stay intact.
-    scratch = h if h_saved is None else prep.new_state_buffer()
-    torch.mul(dlog, prep.dt_l.unsqueeze(3), out=scratch)
-    dA = scratch.sum((0, 2, 4))  # [K*D, N]
+    # The adjoint, step by step in reverse, with every gradient reduced on the spot.
+    g = _reverse_entering(prep, dy_g)
+    dB_l = torch.empty_like(dC_l)
+    ddtu_l = torch.empty_like(dy_l)  # [T, b, K*D, nc]
+    ddt_l = torch.empty_like(dy_l)
+    dA_acc = torch.zeros(prep.state_shape, dtype=prep.dtype, device=device)
     # With softplus, ddt is accumulated negated, which the softplus derivative below undoes
     # for free (-expm1(-dt) = sigmoid(pre)).
     sign = -1.0 if delta_softplus else 1.0
-    if d_state == 1:
-        ddt_l = dlog.squeeze(3) * (sign * prep.A).view(1, -1, 1, 1)  # [b, K*D, T, nc]
-    else:
-        torch.mul(dlog, (sign * prep.A)[None, :, None, :, None], out=scratch)
-        ddt_l = scratch.sum(3)
-
-    torch.mul(prep.grouped(g), prep.per_group(prep.dtu_l), out=prep.grouped(scratch))
-    dB_l = prep.grouped(scratch).sum(2)  # [b, K, T, N, nc]
-    torch.mul(prep.grouped(g), prep.B_l, out=prep.grouped(dlog))
-    ddtu_l = _sum_states(prep, prep.grouped(dlog)).flatten(1, 2)  # [b, K*D, T, nc]
+    A_signed = prep.A_g * sign
+    a_next, a_cur, dlog = prep.state(), prep.state(), prep.state()
+    for t in range(chunk - 1, -1, -1):
+        if t < chunk - 1:
+            g.mul_(a_next)
+        g.addcmul_(C_g[t], dy_g[t])
+        _decay(prep, dt_g, t, a_cur)
+        _contract(g, dtu_g[t], 2, dB_l[t], scratch)
+        _contract(g, B_g[t], 3, prep.per_channel(ddtu_l)[t].squeeze(3), scratch)
+        # d/d(dt*A) of the loss: g_t * a_t * h_{t-1}, with h_{t-1} read from the states (never
+        # from a division by a_t).
+        torch.mul(g, a_cur, out=dlog).mul_(states[t - 1] if t > 0 else entering)
+        dA_acc.addcmul_(dlog, dt_g[t])
+        _contract(dlog, A_signed, 3, prep.per_channel(ddt_l)[t].squeeze(3), scratch)
+        a_next, a_cur = a_cur, a_next
+    dA = dA_acc.sum((0, 4)).flatten(0, 1)  # [K*D, N]
 
     # du and ddelta are written straight into the natural layout by their last operation.
-    du = torch.empty(_natural(ddtu_l, length).shape, dtype=prep.dtype, device=u.device)
+    du = torch.empty(_natural(ddtu_l, length).shape, dtype=prep.dtype, device=device)
     torch.mul(_natural(ddtu_l, length), _natural(prep.dt_l, length), out=du)
     dD = None
     if D is not None:
         du.addcmul_(_natural(dy_l, length), D.to(prep.dtype)[None, :, None, None])
-        dD = (dy_l * prep.u_l).sum((0, 2, 3))
+        dD = (dy_l * prep.u_l).sum((0, 1, 3))
     ddt_l.addcmul_(ddtu_l, prep.u_l, value=sign)
     ddelta = torch.empty_like(du)
     if delta_softplus:
@@ -326,14 +380,15 @@ def _backward_block(
     ddelta_bias = ddelta.sum((0, 2, 3)) if delta_bias is not None else None
     du = du.view(u.shape)
     ddelta = ddelta.view(delta.shape)
-    dB = _from_chunks(dB_l, length)
-    dC = _from_chunks(dC_l, length)
+    dB = _from_steps(dB_l, length)
+    dC = _from_steps(dC_l, length)
     return du, ddelta, dA, dB, dC, dD, ddelta_bias
 
 
-# Elements of one [batch, channels, N, T, nc] state buffer per channel block: the scan's working
-# set (three such buffers in the backward) then stays in the CPU's caches, which matters for N > 1.
-_BLOCK_ELEMENTS = 1 << 21
+# States of one [batch, channels, N, L] buffer per channel block. The loops' per-step slices stay
+# small whatever the block; blocks bound the backward's one full state buffer (memory) and let
+# that buffer stay in the last-level cache for mid-sized problems.
+_BLOCK_ELEMENTS = 1 << 25
 
 
 def _channel_blocks(u: Tensor, A: Tensor, B: Tensor) -> List[Tuple[int, int, int]]:
@@ -341,7 +396,7 @@ def _channel_blocks(u: Tensor, A: Tensor, B: Tensor) -> List[Tuple[int, int, int
     batch, channels, length = u.shape
     groups = B.shape[1]
     per_group = channels // groups
-    chunk = _chunk_size(length)
+    chunk = _chunk_size(length, A.shape[1])
     per_channel = batch * A.shape[1] * chunk * math.ceil(length / chunk)
     if channels * per_channel <= _BLOCK_ELEMENTS:
         return []  # one block: no slicing at all
@@ -374,8 +429,8 @@ def torch_scan_forward(
 ) -> Tuple[Tensor, List[Tensor]]:
     """Selective scan forward (no autograd), same math as ``selective_scan_naive``.
 
-    Large problems are processed in blocks of channels (within one group) so the working set
-    stays in cache; each block runs the chunked scan described in the module docstring.
+    Large problems are processed in blocks of channels (within one group); each block runs the
+    chunked scan described in the module docstring.
 
     Args:
         u: [batch, K*D, L], fp32/bf16/fp16 (fp64 is computed in fp64, for gradcheck).
@@ -387,10 +442,10 @@ def torch_scan_forward(
         delta_softplus: apply softplus to delta + delta_bias.
 
     Returns:
-        (y, saved): y is fp32 [batch, K*D, L] (fp64 for fp64 inputs). saved = [dt] (the time
-        steps after bias/softplus in the chunk layout [batch, K*D, T, nc], as large as u), plus
-        the states [batch, K*D, T, 1, nc] when N == 1, where they are as small as u too; for
-        N > 1 the backward recomputes the states (N times larger) instead of keeping them.
+        (y, saved): y is fp32 [batch, K*D, L] (fp64 for fp64 inputs). saved, in the compute
+        dtype: for N = 1 the time steps after bias/softplus and the states, both in the step
+        layout [T, batch, K*D, nc] (each as large as u); for N > 1 the states entering each
+        chunk, [batch, K*D, N, nc] (the backward recomputes the others from them).
     """
     blocks = _channel_blocks(u, A, B)
     if not blocks:
@@ -403,7 +458,8 @@ def torch_scan_forward(
         )
         y[:, block[1] : block[2]] = y_block
         saved_blocks.append(saved)
-    return y, [torch.cat(parts, dim=1) for parts in zip(*saved_blocks)]
+    dim = _saved_channel_dim(A.shape[1])
+    return y, [torch.cat(parts, dim=dim) for parts in zip(*saved_blocks)]
 
 
 def torch_scan_backward(
@@ -423,8 +479,8 @@ def torch_scan_backward(
     Args:
         dy: gradient of y, [batch, K*D, L] (any float dtype).
         u, delta, A, B, C, D, delta_bias, delta_softplus: the forward's inputs.
-        *saved: what ``torch_scan_forward`` returned as saved (dt, and the states when N == 1);
-            may be empty, in which case everything is recomputed. Never modified.
+        *saved: what ``torch_scan_forward`` returned as saved; may be empty, in which case
+            everything is recomputed. Never modified.
 
     Returns:
         (du, ddelta, dA, dB, dC, dD, ddelta_bias): du/ddelta in u/delta's dtype [batch, K*D, L],
@@ -436,6 +492,7 @@ def torch_scan_backward(
         grads = list(_backward_block(dy, u, delta, A, B, C, D, delta_bias, delta_softplus, *saved))
     else:
         dtype = _compute_dtype(u)
+        dim = _saved_channel_dim(A.shape[1])
         grads = [
             torch.empty(u.shape, dtype=dtype, device=u.device),
             torch.empty(u.shape, dtype=dtype, device=u.device),
@@ -449,7 +506,7 @@ def torch_scan_backward(
             k, part = block[0], slice(block[1], block[2])
             du, ddelta, dA, dB, dC, dD, ddelta_bias = _backward_block(
                 dy[:, part], *_block_args(block, u, delta, A, B, C, D, delta_bias),
-                delta_softplus, *(t[:, part] for t in saved),
+                delta_softplus, *(t.narrow(dim, block[1], block[2] - block[1]) for t in saved),
             )
             grads[0][:, part], grads[1][:, part], grads[2][part] = du, ddelta, dA
             grads[3][:, k : k + 1] += dB  # B and C are shared by the channels of a group
