@@ -148,7 +148,8 @@ def prepare_launcher(cfg, launcher: str) -> None:
             "--launcher slurm needs CUDA devices; on a CPU machine use --launcher pytorch with "
             "torchrun (tools/dist_train.sh)."
         )
-    missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR") if k not in os.environ]
+    needed = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+    missing = [k for k in needed if k not in os.environ]
     if missing:
         raise ValueError(
             f"--launcher pytorch needs the environment variables {missing} that torchrun sets; "

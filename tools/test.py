@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint of a detector or segmentor (MMDetection or MMSegmentation by default_scope).
+"""Evaluate a checkpoint of a detector or segmentor (mmdet or mmseg, chosen by default_scope).
 
 Usage::
 

@@ -188,3 +188,14 @@ def test_mmdet_and_mmseg_datasets_load_the_generated_files(shapes_root: Path) ->
     assert len(seg) == SMALL["num_val"]
     labels = np.unique(seg[0]["gt_seg_map"])
     assert labels.min() == 0 and labels.max() <= len(SEG_CLASSES) - 1
+
+
+def test_dataset_of_an_older_generator_version_is_regenerated(tmp_path: Path) -> None:
+    root = tmp_path / "old"
+    params = dict(SMALL, num_train=1, num_val=1)
+    generate_shapes_dataset(root, seed=0, **params)
+    meta = json.loads((root / "meta.json").read_text())
+    (root / "meta.json").write_text(json.dumps(dict(meta, format_version=0)))
+    summary = generate_shapes_dataset(root, seed=0, **params)
+    assert not summary["reused"]
+    assert load_meta(root)["format_version"] == meta["format_version"]

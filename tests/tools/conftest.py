@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import List
 
 import pytest
-
 from tool_test_utils import ROOT
 
 

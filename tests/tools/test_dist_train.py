@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tool_test_utils import SEG_CONFIG, SMALL_PIPELINES, TOOLS
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,6 @@ import argparse
 from pathlib import Path
 
 import pytest
-
 from tool_test_utils import DET_CONFIG, SEG_CONFIG, TOOLS
 
 pytest.importorskip("mmdet")

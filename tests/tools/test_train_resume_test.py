@@ -10,7 +10,6 @@ import pickle
 from pathlib import Path
 
 import pytest
-
 from tool_test_utils import DET_CONFIG, SEG_CONFIG, SMALL_PIPELINES
 
 pytestmark = pytest.mark.slow

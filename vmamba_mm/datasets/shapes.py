@@ -1,10 +1,11 @@
 """Synthetic "shapes" dataset for the CPU demo: COCO instances and ADE-style semantic labels.
 
 Every image shows a few circles, squares and triangles in saturated colours (reddish circles,
-bluish squares, yellow-green triangles, each with random hue jitter) on a textured background (smooth noise, stripes and pixel noise). Shapes may overlap; a later shape hides what is
-under it, and placements that would leave any shape less than half visible are redrawn. The whole
-dataset is a pure function of its parameters and the seed, so the demo and the tests see the same
-pictures on every machine.
+bluish squares, yellow-green triangles, each with random hue jitter) on a textured background
+(smooth noise, stripes and pixel noise). Shapes may overlap; a later shape hides what is under it,
+and placements that would leave any shape less than half visible are redrawn. The whole dataset
+is a pure function of its parameters and the seed, so the demo and the tests see the same pictures
+on every machine.
 
 Written layout (``root`` is the output directory)::
 
@@ -308,7 +309,9 @@ def _check_out_dir(root: Path, cfg: ShapesConfig, overwrite: bool) -> bool:
     wanted = {"format_version": FORMAT_VERSION, **asdict(cfg)}
     if meta == wanted and not overwrite:
         return True
-    if not overwrite:
+    # A dataset written by an older version of this generator is ours to replace.
+    outdated = meta.get("format_version") != FORMAT_VERSION
+    if not overwrite and not outdated:
         raise ValueError(
             f"{root} holds a shapes dataset generated with other parameters ({meta}); pass "
             "overwrite=True (--overwrite) to regenerate it or choose another directory."

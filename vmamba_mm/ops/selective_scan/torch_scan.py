@@ -44,7 +44,7 @@ def _chunk_size(length: int, d_state: int) -> int:
     [batch, K*D, N, nc] smaller, so the per-step working set stays in the caches; the chunk-level
     scan works on small [batch, K*D, N] tensors and its extra steps are cheap.
     """
-    factor = 1.0 if d_state == 1 else 2.0
+    factor = 1.0
     return max(1, min(length, math.ceil(factor * math.sqrt(length))))
 
 
@@ -105,6 +105,7 @@ class _Prepared:
         self.dtype = dtype = _compute_dtype(u)
         self.state_shape = (batch, groups, per_group, d_state, n_chunks)
         self.A_g = A.to(dtype).view(1, groups, per_group, d_state, 1)
+        self.A_log2 = self.A_g * (1.0 / math.log(2.0))  # exp(x) = exp2(x / log(2))
         self.u_l = _to_steps(u, chunk, padded, dtype)  # [T, b, K*D, nc]
         if dt_l is None:
             dt_l = _to_steps(delta, chunk, padded, dtype)
@@ -129,29 +130,45 @@ class _Prepared:
         return x.unsqueeze(3)
 
     def state(self) -> Tensor:
+        """An uninitialised state slice [b, K, D, N, nc]."""
         return torch.empty(self.state_shape, dtype=self.dtype, device=self.u_l.device)
+
+    def states(self) -> Tensor:
+        """An uninitialised buffer of every step's state slice, [T, b, K, D, N, nc]."""
+        shape = (self.chunk, *self.state_shape)
+        return torch.empty(shape, dtype=self.dtype, device=self.u_l.device)
+
+    def decay(self, t: int, out: Tensor) -> Tensor:
+        """a_t = exp(dt_t * A) for step t of every chunk, written into ``out`` [b, K, D, N, nc].
+
+        Evaluated as exp2(dt_t * A log2(e)): exp2 is markedly cheaper than exp on CPUs, and the
+        extra rounding of A * log2(e) is far below the scan's tolerances.
+        """
+        torch.mul(self.per_channel(self.dt_l)[t], self.A_log2, out=out)
+        return out.exp2_()
 
     def chunk_decays(self) -> Tensor:
         """Decay over each whole chunk, exp(A * sum_t dt_t), as [nc, b, K, D, N]."""
         dt_sum = self.per_channel(self.dt_l).sum(0)  # [b, K, D, 1, nc]
-        return torch.exp(dt_sum * self.A_g).movedim(-1, 0).contiguous()
+        return torch.exp2(dt_sum * self.A_log2).movedim(-1, 0).contiguous()
 
 
-def _decay(prep: _Prepared, dt_g: Tensor, t: int, out: Tensor) -> Tensor:
-    """a_t = exp(dt_t * A) for step t of every chunk, written into ``out`` [b, K, D, N, nc]."""
-    torch.mul(dt_g[t], prep.A_g, out=out)
-    return out.exp_()
+def _entering_states(prep: _Prepared, decays: Tensor) -> Tensor:
+    """Levels 1 and 2: the true state entering each chunk.
 
+    Args:
+        prep: the prepared inputs.
+        decays: [T, b, K, D, N, nc], receives a_t of every step (level 3 reads them back).
 
-def _entering_states(prep: _Prepared) -> Tensor:
-    """Levels 1 and 2: the true state entering each chunk, [b, K, D, N, nc] (zero for chunk 0)."""
-    dt_g, dtu_g, B_g = prep.per_channel(prep.dt_l), prep.per_channel(prep.dtu_l), prep.per_group(
-        prep.B_l
-    )
-    h, a = prep.state(), prep.state()
+    Returns:
+        [b, K, D, N, nc], zero for the first chunk.
+    """
+    dtu_g, B_g = prep.per_channel(prep.dtu_l), prep.per_group(prep.B_l)
+    h = prep.state()
     torch.mul(dtu_g[0], B_g[0], out=h)
+    prep.decay(0, decays[0])
     for t in range(1, prep.chunk):
-        h.mul_(_decay(prep, dt_g, t, a)).addcmul_(dtu_g[t], B_g[t])
+        h.mul_(prep.decay(t, decays[t])).addcmul_(dtu_g[t], B_g[t])
     ends = h.movedim(-1, 0).contiguous()  # [nc, b, K, D, N] chunk-local end states
     whole = prep.chunk_decays()
     entering = torch.empty_like(ends)
@@ -161,35 +178,69 @@ def _entering_states(prep: _Prepared) -> Tensor:
     return entering.movedim(0, -1).contiguous()
 
 
-def _level3_states(
-    prep: _Prepared, entering: Tensor, states: Optional[Tensor], dy_l: Optional[Tensor],
-    y_l: Optional[Tensor], dC_l: Optional[Tensor],
-) -> None:
-    """Level 3: runs the recurrence from the entering states, step by step.
+def _level3_forward(prep: _Prepared, entering: Tensor, decays: Tensor, states: Optional[Tensor],
+                    y_l: Tensor) -> None:
+    """Level 3 of the forward: the true states from the entering ones, and y, step by step.
 
-    Writes the states into ``states`` [T, b, K, D, N, nc] when given (else keeps only the running
-    state), y_t = sum_n C_t h_t into ``y_l`` [T, b, K*D, nc] when given, and
-    dC_t = sum_d dy_t h_t into ``dC_l`` [T, b, K, N, nc] when given (dy_l is then needed).
+    Args:
+        prep: the prepared inputs.
+        entering: the true state entering each chunk, [b, K, D, N, nc].
+        decays: a_t of every step, [T, b, K, D, N, nc] (from level 1).
+        states: when given, receives the state of every step, [T, b, K, D, N, nc].
+        y_l: receives y_t = sum_n C_t h_t, [T, b, K*D, nc].
     """
-    dt_g, dtu_g = prep.per_channel(prep.dt_l), prep.per_channel(prep.dtu_l)
-    B_g, C_g = prep.per_group(prep.B_l), prep.per_group(prep.C_l)
+    dtu_g, B_g, C_g = prep.per_channel(prep.dtu_l), prep.per_group(prep.B_l), prep.per_group(
+        prep.C_l
+    )
     batch, _, _, groups, per_group, _ = prep.shape
-    a, scratch = prep.state(), prep.state()
-    prev = entering
-    running = None if states is not None else entering.clone()
+    scratch = prep.state()
+    h = entering.clone() if states is None else entering
     for t in range(prep.chunk):
-        _decay(prep, dt_g, t, a)
-        if states is not None:
-            h = torch.mul(a, prev, out=states[t])
+        if states is None:
+            h.mul_(decays[t])
         else:
-            h = running.mul_(a)
+            h = torch.mul(decays[t], h, out=states[t])
         h.addcmul_(dtu_g[t], B_g[t])
-        if y_l is not None:
-            y_t = y_l[t].view(batch, groups, per_group, -1)
-            _contract(h, C_g[t], 3, y_t, scratch)
-        if dC_l is not None:
-            _contract(h, prep.per_channel(dy_l)[t], 2, dC_l[t], scratch)
+        _contract(h, C_g[t], 3, y_l[t].view(batch, groups, per_group, -1), scratch)
+
+
+def _level3_backward(prep: _Prepared, entering: Tensor, dy_g: Tensor, decays: Tensor,
+                     decayed_prev: Tensor, dC_l: Tensor) -> Tensor:
+    """Level 3 recomputed in the backward, which also gathers what the adjoint scan needs.
+
+    Args:
+        prep: the prepared inputs.
+        entering: the true state entering each chunk, [b, K, D, N, nc].
+        dy_g: the output gradient, [T, b, K, D, 1, nc].
+        decays: [T, b, K, D, N, nc], receives a_t of every step.
+        decayed_prev: [T, b, K, D, N, nc], receives a_t h_{t-1} of every step (what the
+            gradient of the log-decay needs, so that nothing is ever divided by a decay).
+        dC_l: receives dC_t = sum_d dy_t h_t, [T, b, K, N, nc].
+
+    Returns:
+        [b, K, D, N, nc]: a_0 times each chunk's local adjoint at its first step,
+        sum_t (a_0 ... a_t) C_t dy_t, which is what the chunk passes back to the previous one.
+        It is the sum the reverse scan from zero would build, formed forwards here with a running
+        product of the decays, so it needs no pass of its own.
+    """
+    dtu_g, B_g, C_g = prep.per_channel(prep.dtu_l), prep.per_group(prep.B_l), prep.per_group(
+        prep.C_l
+    )
+    h, scratch, local, cumulative = prep.state(), prep.state(), prep.state(), prep.state()
+    prev = entering
+    for t in range(prep.chunk):
+        a_t = prep.decay(t, decays[t])
+        torch.mul(a_t, prev, out=decayed_prev[t])
+        torch.addcmul(decayed_prev[t], dtu_g[t], B_g[t], out=h)
+        _contract(h, dy_g[t], 2, dC_l[t], scratch)
+        if t == 0:
+            torch.mul(C_g[0], dy_g[0], out=local).mul_(a_t)
+            cumulative.copy_(a_t)
+        else:
+            cumulative.mul_(a_t)
+            local.addcmul_(cumulative, torch.mul(C_g[t], dy_g[t], out=scratch))
         prev = h
+    return local
 
 
 def _forward_block(
@@ -208,13 +259,13 @@ def _forward_block(
     """
     prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
     length, d_state = prep.shape[2], prep.shape[5]
-    entering = _entering_states(prep)
+    decays = prep.states()
+    entering = _entering_states(prep, decays)
     y_l = torch.empty(prep.u_l.shape, dtype=prep.dtype, device=u.device)  # [T, b, K*D, nc]
     # For N = 1 the states are as small as u: keep them, the backward then skips a level.
-    states = torch.empty((prep.chunk, *prep.state_shape), dtype=prep.dtype, device=u.device) if (
-        d_state == 1
-    ) else None
-    _level3_states(prep, entering, states, None, y_l, None)
+    states = prep.states() if d_state == 1 else None
+    _level3_forward(prep, entering, decays, states, y_l)
+    del decays
     y_nat = _natural(y_l, length)
     y = torch.empty(y_nat.shape, dtype=prep.dtype, device=u.device)
     # One pass writes y in the natural layout (and adds the D skip on the way).
@@ -262,19 +313,40 @@ def torch_scan_forward_fake(
     return u.new_empty(u.shape, dtype=dtype), saved
 
 
-def _reverse_entering(prep: _Prepared, dy_g: Tensor) -> Tensor:
-    """Reverse levels 1 and 2: the adjoint arriving at each chunk's last step from later chunks.
+def _local_adjoint_starts(prep: _Prepared, dy_g: Tensor, decays: Tensor) -> Tensor:
+    """Reverse level 1 (used when the states were saved): a_0 times each chunk's local adjoint.
+
+    Args:
+        prep: the prepared inputs.
+        dy_g: the output gradient, [T, b, K, D, 1, nc].
+        decays: [T, b, K, D, N, nc], receives a_t of every step.
 
     Returns:
-        [b, K, D, N, nc]: a_s g_s at the first step s of the next chunk (zero for the last chunk).
+        [b, K, D, N, nc]: a_0 g_0 of the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} run backwards
+        through each chunk from zero (what the chunk passes back to the previous one).
     """
-    dt_g, C_g = prep.per_channel(prep.dt_l), prep.per_group(prep.C_l)
-    g, a = prep.state(), prep.state()
+    C_g = prep.per_group(prep.C_l)
+    g = prep.state()
     last = prep.chunk - 1
     torch.mul(C_g[last], dy_g[last], out=g)
+    prep.decay(last, decays[last])
     for t in range(last - 1, -1, -1):
-        g.mul_(_decay(prep, dt_g, t + 1, a)).addcmul_(C_g[t], dy_g[t])
-    starts = g.mul_(_decay(prep, dt_g, 0, a)).movedim(-1, 0).contiguous()  # [nc, b, K, D, N]
+        g.mul_(decays[t + 1]).addcmul_(C_g[t], dy_g[t])
+        prep.decay(t, decays[t])
+    return g.mul_(decays[0])
+
+
+def _adjoint_leaving(prep: _Prepared, starts: Tensor) -> Tensor:
+    """Reverse level 2: the adjoint arriving at each chunk's last step from the later chunks.
+
+    Args:
+        starts: a_0 times each chunk's local adjoint at its first step, [b, K, D, N, nc].
+
+    Returns:
+        [b, K, D, N, nc]: a_s g_s (true adjoint) at the first step s of the next chunk, zero for
+        the last chunk.
+    """
+    starts = starts.movedim(-1, 0).contiguous()  # [nc, b, K, D, N]
     whole = prep.chunk_decays()
     leaving = torch.empty_like(starts)
     leaving[-1].zero_()
@@ -310,33 +382,35 @@ def _backward_block(
     d_state = A.shape[1]
     dt_saved = saved[0] if saved and d_state == 1 else None
     prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus, dt_l=dt_saved)
-    batch, _, length, groups, per_group, _ = prep.shape
-    chunk, n_chunks = prep.chunk, prep.n_chunks
+    length, chunk = prep.shape[2], prep.chunk
     device = u.device
     dy_l = _to_steps(dy, chunk, prep.padded, prep.dtype)  # [T, b, K*D, nc]
     dy_g = prep.per_channel(dy_l)
-    dt_g, dtu_g = prep.per_channel(prep.dt_l), prep.per_channel(prep.dtu_l)
-    B_g, C_g = prep.per_group(prep.B_l), prep.per_group(prep.C_l)
-    scratch = prep.state()
+    dtu_g, B_g, C_g = prep.per_channel(prep.dtu_l), prep.per_group(prep.B_l), prep.per_group(
+        prep.C_l
+    )
+    dt_g = prep.per_channel(prep.dt_l)
 
-    # The true states at every step, [T, b, K, D, N, nc], and the state entering each chunk.
-    group_shape = (chunk, *prep.state_shape[:2], d_state, n_chunks)  # [T, b, K, N, nc]
+    # Two full buffers: the decays a_t and the decayed previous states a_t h_{t-1}.
+    decays, decayed_prev = prep.states(), prep.states()
+    group_shape = (chunk, *prep.state_shape[:2], d_state, prep.n_chunks)  # [T, b, K, N, nc]
     dC_l = torch.empty(group_shape, dtype=prep.dtype, device=device)
     if d_state == 1 and saved:
-        states = saved[1].view(chunk, *prep.state_shape)
-        entering = torch.zeros(prep.state_shape, dtype=prep.dtype, device=device)
-        entering[..., 1:] = states[-1, ..., :-1]
-        torch.sum(states * dy_g, 3, out=dC_l.view(chunk, batch, groups, n_chunks))
+        states = saved[1].view(decays.shape)
+        torch.sum(states * dy_g, 3, out=dC_l)
+        starts = _local_adjoint_starts(prep, dy_g, decays)
+        torch.mul(decays[1:], states[:-1], out=decayed_prev[1:])
+        decayed_prev[0, ..., 0].zero_()  # nothing enters the first chunk
+        torch.mul(decays[0, ..., 1:], states[-1, ..., :-1], out=decayed_prev[0, ..., 1:])
     else:
         if saved:
             entering = saved[0].view(prep.state_shape)
         else:
-            entering = _entering_states(prep)
-        states = torch.empty((chunk, *prep.state_shape), dtype=prep.dtype, device=device)
-        _level3_states(prep, entering, states, dy_l, None, dC_l)
+            entering = _entering_states(prep, decays)
+        starts = _level3_backward(prep, entering, dy_g, decays, decayed_prev, dC_l)
 
     # The adjoint, step by step in reverse, with every gradient reduced on the spot.
-    g = _reverse_entering(prep, dy_g)
+    g = _adjoint_leaving(prep, starts)
     dB_l = torch.empty_like(dC_l)
     ddtu_l = torch.empty_like(dy_l)  # [T, b, K*D, nc]
     ddt_l = torch.empty_like(dy_l)
@@ -345,20 +419,18 @@ def _backward_block(
     # for free (-expm1(-dt) = sigmoid(pre)).
     sign = -1.0 if delta_softplus else 1.0
     A_signed = prep.A_g * sign
-    a_next, a_cur, dlog = prep.state(), prep.state(), prep.state()
+    scratch, dlog = prep.state(), prep.state()
     for t in range(chunk - 1, -1, -1):
         if t < chunk - 1:
-            g.mul_(a_next)
+            g.mul_(decays[t + 1])
         g.addcmul_(C_g[t], dy_g[t])
-        _decay(prep, dt_g, t, a_cur)
         _contract(g, dtu_g[t], 2, dB_l[t], scratch)
         _contract(g, B_g[t], 3, prep.per_channel(ddtu_l)[t].squeeze(3), scratch)
-        # d/d(dt*A) of the loss: g_t * a_t * h_{t-1}, with h_{t-1} read from the states (never
-        # from a division by a_t).
-        torch.mul(g, a_cur, out=dlog).mul_(states[t - 1] if t > 0 else entering)
+        # d/d(dt*A) of the loss: g_t * a_t * h_{t-1}.
+        torch.mul(g, decayed_prev[t], out=dlog)
         dA_acc.addcmul_(dlog, dt_g[t])
         _contract(dlog, A_signed, 3, prep.per_channel(ddt_l)[t].squeeze(3), scratch)
-        a_next, a_cur = a_cur, a_next
+    del decays, decayed_prev
     dA = dA_acc.sum((0, 4)).flatten(0, 1)  # [K*D, N]
 
     # du and ddelta are written straight into the natural layout by their last operation.
