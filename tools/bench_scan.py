@@ -7,7 +7,9 @@ Times the forward (no autograd) and forward+backward of each backend, plus two r
   pure-PyTorch fallback does (its backward is quadratic in L, so it only runs where that is
   affordable, and always at the acceptance shape [1, 384, 3136, N=1]).
 
-Every measurement runs in a fresh child process so that the peak memory is its own: on CPU the
+Times are the minimum over the repeats after one warm-up call (the loops: one call after the
+warm-up), since on a shared machine other jobs only ever add time. Every measurement runs in a
+fresh child process so that the peak memory is its own: on CPU the
 growth of the child's peak RSS over its inputs (``resource``), on CUDA
 ``torch.cuda.max_memory_allocated`` above the inputs. On GPU the table also gives the forward's
 achieved bandwidth, counting the bytes of reading u, delta, B, C once and writing y once, and its
@@ -23,7 +25,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -154,7 +155,8 @@ def child(spec: Dict) -> Dict:
         step()
         sync()
         times.append(time.perf_counter() - start)
-    return {"time": statistics.median(times) if times else first, "peak": max(peak, 0)}
+    # The minimum over the repeats: on a shared machine the other jobs only ever add time.
+    return {"time": min(times) if times else first, "peak": max(peak, 0)}
 
 
 def _measure(spec: Dict, timeout: float) -> Optional[Dict]:
@@ -234,7 +236,7 @@ def main() -> None:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK]
     if args.shapes:
         wanted = [w.strip() for w in args.shapes.split(",")]
@@ -259,8 +261,9 @@ def main() -> None:
                 if backend.endswith("loop") and not _loop_affordable(backend, shape, mode, device):
                     continue
                 loop = backend.endswith("loop")
+                # The loops take seconds per call: one timed call after the warm-up.
                 spec = {"shape": dims, "backend": backend, "mode": mode, "device": device,
-                        "threads": args.threads, "repeats": 0 if loop else repeats}
+                        "threads": args.threads, "repeats": 1 if loop else repeats}
                 result = _measure(spec, args.timeout)
                 if result is None:
                     print(f"| {name} {dims} | {backend} | {mode} | > {args.timeout:.0f} s | | ")

@@ -225,3 +225,109 @@ def test_torch_backend_in_channel_blocks_matches_naive(monkeypatch, d_state):
     assert_close(y, y_ref, rtol, atol, "y")
     for name in g_ref:
         assert_close(g[name], g_ref[name], rtol, atol, "d" + name)
+
+
+def test_torch_backend_with_one_state_is_finite_and_exact_with_vanishing_decay():
+    """N = 1 keeps the forward's states for the backward: same extreme decays as above."""
+    length = 4099  # not a multiple of the chunk length: the last chunk is padded
+    inputs, softplus = make_inputs(
+        1, 4, 2, length, 1, with_D=True, with_bias=True, softplus=True, seed=6
+    )
+    inputs["A"] = -torch.exp(torch.linspace(-6.0, 6.0, 8)).view(8, 1)
+    inputs["A"][3, 0] = 0.0
+    inputs["delta"] = inputs["delta"] * 4 + 6
+    dy = torch.randn(1, 8, length, generator=torch.Generator().manual_seed(7))
+    y_ref, g_ref = grads_of(selective_scan_naive, inputs, softplus, dy)
+    y, g = grads_of(torch_backend, inputs, softplus, dy)
+    rtol, atol = TOLERANCES[torch.float32]
+    assert_close(y, y_ref, rtol, atol, "y")
+    for name in g_ref:
+        assert bool(torch.isfinite(g[name]).all()), f"d{name} is not finite"
+        assert_close(g[name], g_ref[name], rtol, atol, "d" + name)
+
+
+@pytest.mark.parametrize("d_state", [1, 16])
+def test_torch_backend_saved_tensors_are_the_compact_chunk_summaries(d_state):
+    """N > 1 saves only the states entering each chunk; N = 1 the time steps and the states."""
+    from vmamba_mm.ops.selective_scan import torch_scan
+
+    length = 90
+    inputs, softplus = make_inputs(2, 4, 3, length, d_state, with_D=True, with_bias=True,
+                                   softplus=True)
+    y, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
+    chunk = torch_scan._chunk_size(length, d_state)
+    n_chunks = -(-length // chunk)
+    assert n_chunks > 1
+    if d_state == 1:
+        assert [tuple(t.shape) for t in saved] == [(chunk, 2, 12, n_chunks)] * 2
+    else:
+        (entering,) = saved
+        assert entering.shape == (2, 12, d_state, n_chunks)
+        assert bool((entering[..., 0] == 0).all()), "nothing enters the first chunk"
+        # The state entering chunk j is the naive recurrence's state just before its first step.
+        with torch.no_grad():
+            A, dt = inputs["A"], torch.nn.functional.softplus(
+                inputs["delta"] + inputs["delta_bias"][None, :, None]
+            )
+            B = inputs["B"].repeat_interleave(3, dim=1)
+            h = torch.zeros(2, 12, d_state)
+            want = []
+            for t in range(length):
+                if t % chunk == 0:
+                    want.append(h.clone())
+                h = torch.exp(dt[..., t, None] * A) * h + (dt[..., t] * inputs["u"][..., t])[
+                    ..., None
+                ] * B[..., t]
+        torch.testing.assert_close(entering, torch.stack(want, -1), rtol=1e-4, atol=1e-5)
+
+
+def test_torch_backend_backward_with_and_without_saved_entering_states_agree():
+    inputs, softplus = make_inputs(2, 4, 3, 70, 16, with_D=True, with_bias=True, softplus=True)
+    dy = torch.randn(2, 12, 70, generator=torch.Generator().manual_seed(8))
+    _, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
+    copies = [t.clone() for t in saved]
+    with_saved = torch_scan_backward(dy, *inputs.values(), softplus, *saved)
+    recomputed = torch_scan_backward(dy, *inputs.values(), softplus)
+    for got, want in zip(with_saved, recomputed):
+        torch.testing.assert_close(got, want)
+    for before, after in zip(copies, saved):
+        assert torch.equal(before, after), "the backward modified a saved tensor"
+
+
+def test_torch_backend_blocks_reuse_one_workspace_without_stale_values(monkeypatch):
+    """Blocks of different sizes share scratch buffers; results still match unblocked ones."""
+    from vmamba_mm.ops.selective_scan import torch_scan
+
+    inputs, softplus = make_inputs(1, 2, 7, 45, 16, with_D=False, with_bias=True, softplus=False)
+    dy = torch.randn(1, 14, 45, generator=torch.Generator().manual_seed(9))
+    y_one, saved_one = torch_scan_forward(**inputs, delta_softplus=softplus)
+    grads_one = torch_scan_backward(dy, *inputs.values(), softplus, *saved_one)
+    created = []
+    real_buffer = torch_scan._Workspace.buffer
+
+    def spy(self, slot, shape, dtype, device):
+        out = real_buffer(self, slot, shape, dtype, device)
+        created.append((self, slot, out.untyped_storage().data_ptr()))  # keeps self alive
+        return out
+
+    monkeypatch.setattr(torch_scan._Workspace, "buffer", spy)
+    per_channel = 16 * torch_scan._chunk_size(45, 16) * -(-45 // torch_scan._chunk_size(45, 16))
+    monkeypatch.setattr(torch_scan, "_BLOCK_ELEMENTS", 3 * per_channel)  # blocks of 3, 3, 1
+    blocks = torch_scan._channel_blocks(inputs["u"], inputs["A"], inputs["B"])
+    assert [last - first for _, first, last in blocks] == [3, 3, 1, 3, 3, 1]
+    y, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
+    grads = torch_scan_backward(dy, *inputs.values(), softplus, *saved)
+    torch.testing.assert_close(y, y_one)
+    for got, want in zip(grads, grads_one):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want)
+    # Every block of one call got its scratch from the same storage per slot.
+    calls = {id(c): c for c, _, _ in created}
+    assert len(calls) == 2  # one workspace for the forward, one for the backward
+    for call in calls:
+        for slot in {s for c, s, _ in created if id(c) == call}:
+            ptrs = {p for c, s, p in created if id(c) == call and s == slot}
+            assert len(ptrs) == 1, "a block allocated its own scratch buffer"
+    assert len(created) == 6 + 2 * 6  # forward: decays; backward: decays, decayed states

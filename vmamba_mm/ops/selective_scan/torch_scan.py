@@ -37,14 +37,15 @@ Tensor = torch.Tensor
 
 
 def _chunk_size(length: int, d_state: int) -> int:
-    """Steps per chunk T.
+    """Steps per chunk T (the chunk count nc = ceil(L / T) follows).
 
-    About sqrt(L) balances the Python steps of the levels (T steps each) against the chunk-level
-    scan (nc = L / T steps). For N > 1 longer chunks (fewer of them) make each step's slice
-    [batch, K*D, N, nc] smaller, so the per-step working set stays in the caches; the chunk-level
-    scan works on small [batch, K*D, N] tensors and its extra steps are cheap.
+    Each of the levels 1 and 3 runs T Python steps of several operations on [b, K*D, N, nc]
+    slices, the chunk-level scan nc steps of one small operation. For N = 1 the slices are small
+    and a step's cost is mostly fixed overhead, so shorter chunks (T about sqrt(L) / 2) are
+    cheaper; for N > 1 the slices are large and T about sqrt(L) measured best (longer chunks make
+    the innermost, contiguous nc axis too short to vectorise well).
     """
-    factor = 1.0
+    factor = 0.5 if d_state == 1 else 1.0
     return max(1, min(length, math.ceil(factor * math.sqrt(length))))
 
 
@@ -58,22 +59,17 @@ def _to_steps(x: Tensor, chunk: int, padded: int, dtype: torch.dtype) -> Tensor:
     extra = padded - x.shape[-1]
     if extra:
         x = F.pad(x, (0, extra))
-    x = x.unflatten(-1, (-1, chunk)).movedim(-1, 0)
-    return x.to(dtype, memory_format=torch.contiguous_format, copy=True)
-
-
-def _natural(x: Tensor, length: int) -> Tensor:
-    """[T, b, X, nc] -> [b, X, nc, T] view when unpadded, else a trimmed [b, X, 1, L] copy."""
-    x = x.permute(1, 2, 3, 0)
-    if x.shape[-1] * x.shape[-2] == length:
-        return x
-    return x.flatten(-2)[..., :length].unflatten(-1, (1, length))
+    # One 2-D transpose [(b X.. nc), T] -> [T, (b X.. nc)], the cheapest form of this copy.
+    steps = x.reshape(-1, chunk).t().to(dtype, memory_format=torch.contiguous_format, copy=True)
+    return steps.view(chunk, *x.shape[:-1], -1)
 
 
 def _from_steps(x: Tensor, length: int) -> Tensor:
-    """[T, b, X.., nc] -> fresh contiguous [b, X.., length]."""
-    x = x.movedim(0, -1).flatten(-2)[..., :length]
-    return x.clone(memory_format=torch.contiguous_format)
+    """Contiguous [T, b, X.., nc] -> fresh contiguous [b, X.., length]."""
+    shape = x.shape[1:-1]
+    # One 2-D transpose [T, (b X.. nc)] -> [(b X.. nc), T], the cheapest form of this copy.
+    x = x.view(x.shape[0], -1).t().contiguous().view(*shape, -1)
+    return x if x.shape[-1] == length else x[..., :length].contiguous()
 
 
 def _contract(x: Tensor, y: Tensor, dim: int, out: Tensor, scratch: Tensor) -> None:
@@ -83,6 +79,26 @@ def _contract(x: Tensor, y: Tensor, dim: int, out: Tensor, scratch: Tensor) -> N
     else:
         torch.mul(x, y, out=scratch)
         torch.sum(scratch, dim, out=out)
+
+
+class _Workspace:
+    """Scratch buffers shared by the channel blocks of one call.
+
+    A fresh buffer of tens of MB costs a page fault per 4 KiB page on first touch (large
+    allocations come straight from the OS), which for N > 1 is comparable to the arithmetic;
+    the blocks of one call therefore reuse the same few buffers. Nothing outlives the call.
+    """
+
+    def __init__(self):
+        self._buffers = {}
+
+    def buffer(self, slot: int, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+        numel = math.prod(shape)
+        flat = self._buffers.get(slot)
+        if flat is None or flat.numel() < numel or flat.dtype != dtype or flat.device != device:
+            flat = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[slot] = flat
+        return flat[:numel].view(shape)
 
 
 class _Prepared:
@@ -133,18 +149,24 @@ class _Prepared:
         """An uninitialised state slice [b, K, D, N, nc]."""
         return torch.empty(self.state_shape, dtype=self.dtype, device=self.u_l.device)
 
-    def states(self) -> Tensor:
-        """An uninitialised buffer of every step's state slice, [T, b, K, D, N, nc]."""
+    def states(self, workspace: Optional[_Workspace] = None, slot: int = 0) -> Tensor:
+        """An uninitialised buffer of every step's state slice, [T, b, K, D, N, nc].
+
+        Taken from ``workspace`` (reused by the next channel block) when given, else fresh.
+        """
         shape = (self.chunk, *self.state_shape)
+        if workspace is not None:
+            return workspace.buffer(slot, shape, self.dtype, self.u_l.device)
         return torch.empty(shape, dtype=self.dtype, device=self.u_l.device)
 
-    def decay(self, t: int, out: Tensor) -> Tensor:
-        """a_t = exp(dt_t * A) for step t of every chunk, written into ``out`` [b, K, D, N, nc].
+
+    def decays(self, out: Tensor) -> Tensor:
+        """a_t = exp(dt_t * A) of every step, written into ``out`` [T, b, K, D, N, nc].
 
         Evaluated as exp2(dt_t * A log2(e)): exp2 is markedly cheaper than exp on CPUs, and the
         extra rounding of A * log2(e) is far below the scan's tolerances.
         """
-        torch.mul(self.per_channel(self.dt_l)[t], self.A_log2, out=out)
+        torch.mul(self.per_channel(self.dt_l), self.A_log2, out=out)
         return out.exp2_()
 
     def chunk_decays(self) -> Tensor:
@@ -166,9 +188,9 @@ def _entering_states(prep: _Prepared, decays: Tensor) -> Tensor:
     dtu_g, B_g = prep.per_channel(prep.dtu_l), prep.per_group(prep.B_l)
     h = prep.state()
     torch.mul(dtu_g[0], B_g[0], out=h)
-    prep.decay(0, decays[0])
+    prep.decays(decays)
     for t in range(1, prep.chunk):
-        h.mul_(prep.decay(t, decays[t])).addcmul_(dtu_g[t], B_g[t])
+        h.mul_(decays[t]).addcmul_(dtu_g[t], B_g[t])
     ends = h.movedim(-1, 0).contiguous()  # [nc, b, K, D, N] chunk-local end states
     whole = prep.chunk_decays()
     entering = torch.empty_like(ends)
@@ -228,8 +250,9 @@ def _level3_backward(prep: _Prepared, entering: Tensor, dy_g: Tensor, decays: Te
     )
     h, scratch, local, cumulative = prep.state(), prep.state(), prep.state(), prep.state()
     prev = entering
+    prep.decays(decays)
     for t in range(prep.chunk):
-        a_t = prep.decay(t, decays[t])
+        a_t = decays[t]
         torch.mul(a_t, prev, out=decayed_prev[t])
         torch.addcmul(decayed_prev[t], dtu_g[t], B_g[t], out=h)
         _contract(h, dy_g[t], 2, dC_l[t], scratch)
@@ -252,32 +275,29 @@ def _forward_block(
     D: Optional[Tensor],
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
+    workspace: Optional[_Workspace] = None,
 ) -> Tuple[Tensor, List[Tensor]]:
     """Forward of one block of channels (all of them when the problem is small).
 
-    Args and Returns: as ``torch_scan_forward``.
+    Args and Returns: as ``torch_scan_forward``; ``workspace`` lends the scratch buffers.
     """
     prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
     length, d_state = prep.shape[2], prep.shape[5]
-    decays = prep.states()
+    decays = prep.states(workspace, 0)
     entering = _entering_states(prep, decays)
     y_l = torch.empty(prep.u_l.shape, dtype=prep.dtype, device=u.device)  # [T, b, K*D, nc]
     # For N = 1 the states are as small as u: keep them, the backward then skips a level.
     states = prep.states() if d_state == 1 else None
     _level3_forward(prep, entering, decays, states, y_l)
     del decays
-    y_nat = _natural(y_l, length)
-    y = torch.empty(y_nat.shape, dtype=prep.dtype, device=u.device)
-    # One pass writes y in the natural layout (and adds the D skip on the way).
     if D is not None:
-        torch.addcmul(y_nat, u.reshape(y.shape), D.to(prep.dtype)[None, :, None, None], out=y)
-    else:
-        y.copy_(y_nat)
+        y_l.addcmul_(prep.u_l, D.to(prep.dtype)[None, None, :, None])
+    y = _from_steps(y_l, length)
     if d_state == 1:
         saved = [prep.dt_l, states.view(prep.u_l.shape)]
     else:
         saved = [entering.flatten(1, 2)]  # [b, K*D, N, nc]
-    return y.view(u.shape), saved
+    return y, saved
 
 
 def _saved_channel_dim(d_state: int) -> int:
@@ -329,10 +349,9 @@ def _local_adjoint_starts(prep: _Prepared, dy_g: Tensor, decays: Tensor) -> Tens
     g = prep.state()
     last = prep.chunk - 1
     torch.mul(C_g[last], dy_g[last], out=g)
-    prep.decay(last, decays[last])
+    prep.decays(decays)
     for t in range(last - 1, -1, -1):
         g.mul_(decays[t + 1]).addcmul_(C_g[t], dy_g[t])
-        prep.decay(t, decays[t])
     return g.mul_(decays[0])
 
 
@@ -366,6 +385,7 @@ def _backward_block(
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
     *saved: Tensor,
+    workspace: Optional[_Workspace] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Backward of one block of channels; grads in the compute dtype (fp32, or fp64).
 
@@ -374,6 +394,7 @@ def _backward_block(
         u, delta, A, B, C, D, delta_bias, delta_softplus: the forward's inputs.
         *saved: what ``torch_scan_forward`` returned as saved; may be empty, in which case
             everything is recomputed. Never modified.
+        workspace: lends the scratch buffers (fresh ones when None).
 
     Returns:
         (du, ddelta, dA, dB, dC, dD, ddelta_bias) in the compute dtype: [batch, K*D, L] twice,
@@ -392,7 +413,7 @@ def _backward_block(
     dt_g = prep.per_channel(prep.dt_l)
 
     # Two full buffers: the decays a_t and the decayed previous states a_t h_{t-1}.
-    decays, decayed_prev = prep.states(), prep.states()
+    decays, decayed_prev = prep.states(workspace, 0), prep.states(workspace, 1)
     group_shape = (chunk, *prep.state_shape[:2], d_state, prep.n_chunks)  # [T, b, K, N, nc]
     dC_l = torch.empty(group_shape, dtype=prep.dtype, device=device)
     if d_state == 1 and saved:
@@ -415,10 +436,6 @@ def _backward_block(
     ddtu_l = torch.empty_like(dy_l)  # [T, b, K*D, nc]
     ddt_l = torch.empty_like(dy_l)
     dA_acc = torch.zeros(prep.state_shape, dtype=prep.dtype, device=device)
-    # With softplus, ddt is accumulated negated, which the softplus derivative below undoes
-    # for free (-expm1(-dt) = sigmoid(pre)).
-    sign = -1.0 if delta_softplus else 1.0
-    A_signed = prep.A_g * sign
     scratch, dlog = prep.state(), prep.state()
     for t in range(chunk - 1, -1, -1):
         if t < chunk - 1:
@@ -429,29 +446,27 @@ def _backward_block(
         # d/d(dt*A) of the loss: g_t * a_t * h_{t-1}.
         torch.mul(g, decayed_prev[t], out=dlog)
         dA_acc.addcmul_(dlog, dt_g[t])
-        _contract(dlog, A_signed, 3, prep.per_channel(ddt_l)[t].squeeze(3), scratch)
+        _contract(dlog, prep.A_g, 3, prep.per_channel(ddt_l)[t].squeeze(3), scratch)
     del decays, decayed_prev
     dA = dA_acc.sum((0, 4)).flatten(0, 1)  # [K*D, N]
 
-    # du and ddelta are written straight into the natural layout by their last operation.
-    du = torch.empty(_natural(ddtu_l, length).shape, dtype=prep.dtype, device=device)
-    torch.mul(_natural(ddtu_l, length), _natural(prep.dt_l, length), out=du)
+    # du and ddelta are formed in the step layout (contiguous passes) and transposed once.
+    ddt_l.addcmul_(ddtu_l, prep.u_l)
+    du_l = ddtu_l.mul_(prep.dt_l)
     dD = None
     if D is not None:
-        du.addcmul_(_natural(dy_l, length), D.to(prep.dtype)[None, :, None, None])
+        du_l.addcmul_(dy_l, D.to(prep.dtype)[None, None, :, None])
         dD = (dy_l * prep.u_l).sum((0, 1, 3))
-    ddt_l.addcmul_(ddtu_l, prep.u_l, value=sign)
-    ddelta = torch.empty_like(du)
+    du = _from_steps(du_l, length)
+    ddelta = _from_steps(ddt_l, length)
     if delta_softplus:
-        # d softplus(v)/dv = sigmoid(v) = 1 - exp(-softplus(v)) = -expm1(-dt), exact for tiny dt;
-        # above the threshold 20 it rounds to 1 in fp32, as the thresholded derivative is 1.
-        neg_sig = torch.expm1(prep.dt_l.neg())
-        torch.mul(_natural(ddt_l, length), _natural(neg_sig, length), out=ddelta)
-    else:
-        ddelta.copy_(_natural(ddt_l, length))
-    ddelta_bias = ddelta.sum((0, 2, 3)) if delta_bias is not None else None
-    du = du.view(u.shape)
-    ddelta = ddelta.view(delta.shape)
+        # d softplus(v)/dv = sigmoid(v); above the threshold 20 it rounds to 1 in fp32, as the
+        # thresholded derivative is 1.
+        pre = delta.to(prep.dtype, copy=True)
+        if delta_bias is not None:
+            pre.add_(delta_bias.to(prep.dtype)[None, :, None])
+        ddelta.mul_(pre.sigmoid_())
+    ddelta_bias = ddelta.sum((0, 2)) if delta_bias is not None else None
     dB = _from_steps(dB_l, length)
     dC = _from_steps(dC_l, length)
     return du, ddelta, dA, dB, dC, dD, ddelta_bias
@@ -473,6 +488,7 @@ def _channel_blocks(u: Tensor, A: Tensor, B: Tensor) -> List[Tuple[int, int, int
     if channels * per_channel <= _BLOCK_ELEMENTS:
         return []  # one block: no slicing at all
     size = max(1, min(per_group, _BLOCK_ELEMENTS // per_channel))
+    size = math.ceil(per_group / math.ceil(per_group / size))  # equal blocks, same count
     return [
         (k, k * per_group + start, k * per_group + min(start + size, per_group))
         for k in range(groups)
@@ -524,9 +540,10 @@ def torch_scan_forward(
         return _forward_block(u, delta, A, B, C, D, delta_bias, delta_softplus)
     y = torch.empty(u.shape, dtype=_compute_dtype(u), device=u.device)
     saved_blocks = []
+    workspace = _Workspace()
     for block in blocks:
         y_block, saved = _forward_block(
-            *_block_args(block, u, delta, A, B, C, D, delta_bias), delta_softplus
+            *_block_args(block, u, delta, A, B, C, D, delta_bias), delta_softplus, workspace
         )
         y[:, block[1] : block[2]] = y_block
         saved_blocks.append(saved)
@@ -574,11 +591,13 @@ def torch_scan_backward(
             None if D is None else torch.empty(D.shape, dtype=dtype, device=u.device),
             None if delta_bias is None else torch.empty(u.shape[1], dtype=dtype, device=u.device),
         ]
+        workspace = _Workspace()
         for block in blocks:
             k, part = block[0], slice(block[1], block[2])
             du, ddelta, dA, dB, dC, dD, ddelta_bias = _backward_block(
                 dy[:, part], *_block_args(block, u, delta, A, B, C, D, delta_bias),
                 delta_softplus, *(t.narrow(dim, block[1], block[2] - block[1]) for t in saved),
+                workspace=workspace,
             )
             grads[0][:, part], grads[1][:, part], grads[2][part] = du, ddelta, dA
             grads[3][:, k : k + 1] += dB  # B and C are shared by the channels of a group
