@@ -112,10 +112,10 @@ def run_model(kind: str, args: argparse.Namespace, env: Dict[str, str]) -> Dict[
     config = DEMO_CONFIGS[kind]
     work_dir = Path(args.work_dir) / config.stem
     work_dir.mkdir(parents=True, exist_ok=True)
-    options = ["train_cfg.val_interval=1000000"]  # evaluated once, below, with pictures
+    options = ["default_hooks.logger.interval=20"]
     iters = args.det_iters if kind == "det" else args.seg_iters
     if iters is not None:
-        options.append(f"train_cfg.max_iters={iters}")
+        options += [f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}"]
     train_s = _run(
         [sys.executable, str(TOOLS / "train.py"), str(config), "--work-dir", str(work_dir),
          "--cfg-options", *options],
@@ -165,6 +165,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
     )
     env = dict(os.environ)
     env[DATA_ENV] = str(Path(args.data_root)) + os.sep
+    # One intra-op thread unless the user chose otherwise: these small models gain little from
+    # a second thread, and on a busy machine OpenMP threads waiting for each other made training
+    # about 5x slower (4 s instead of 0.7 s per Mask R-CNN iteration on 2 shared cores).
+    env.setdefault("OMP_NUM_THREADS", "1")
     results = {}
     for kind in ("det", "seg"):
         if args.only and kind != args.only:
