@@ -16,6 +16,10 @@ def test_ruff_check_is_clean():
     if not command[0]:
         pytest.skip("ruff is not installed (it comes with the dev extra)")
     result = subprocess.run(
-        [*command, "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [*command, "check", "--no-cache", "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
