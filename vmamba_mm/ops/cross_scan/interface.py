@@ -16,35 +16,24 @@ path adds ``(y0 + flip y2) + T(y1 + flip y3)``, the Triton path ``((y0 + y1) + y
 so merged values may differ in the last bit.
 """
 
-import functools
-import importlib.util
 from typing import Callable
 
 import torch
 
+from ..triton_env import interpreter_enabled, triton_available
 from .torch_cross import (
     cross_merge_channel_last_torch,
     cross_merge_torch,
     cross_scan_channel_last_torch,
     cross_scan_torch,
 )
-from .triton_cross import cross_merge_triton, cross_scan_triton, interpreter_enabled
+from .triton_cross import cross_merge_triton, cross_scan_triton
 
 BACKENDS = ("auto", "torch", "triton")
 ROUTES = 4
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """Whether Triton is installed and imports."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _check_tensor(name: str, tensor: object, ndim: int, layout: str) -> None:

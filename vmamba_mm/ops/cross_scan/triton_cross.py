@@ -16,17 +16,15 @@ builtins (no ``@triton.jit`` helpers such as ``tl.cdiv``, which are decorated wh
 imported), so they run in either mode whatever the mode was at that import.
 """
 
-import os
 from typing import Any, Callable, Dict, Tuple
 
 import torch
 
+from ..triton_env import interpreter_enabled
+
 _KERNELS: Dict[bool, Tuple[Any, Any]] = {}
 
 
-def interpreter_enabled() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def _kernel_sources() -> Tuple[Callable, Callable]:

@@ -19,14 +19,12 @@ the forward's output shapes (used while tracing). Saved tensors must be fresh te
 of the inputs. The "naive" backend is autograd through ``selective_scan_naive`` (tests only).
 """
 
-import functools
 import importlib
-import importlib.util
-import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..triton_env import interpreter_enabled, triton_available
 from .naive import selective_scan_naive
 
 Tensor = torch.Tensor
@@ -35,20 +33,6 @@ BACKENDS = ("auto", "triton", "torch", "naive")
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """Whether Triton is installed and imports (checked once)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _backend_module(name: str):
@@ -77,7 +61,7 @@ def _resolve_backend(backend: object, u: Tensor) -> str:
                 'backend="triton" needs the triton package, which does not import here; install '
                 'triton or use backend="torch".'
             )
-        if not u.is_cuda and not _triton_interpreter():
+        if not u.is_cuda and not interpreter_enabled():
             raise ValueError(
                 f'backend="triton" got tensors on {u.device.type}; Triton kernels run on CUDA '
                 'tensors (or on CPU with TRITON_INTERPRET=1 set before triton is imported). Move '

@@ -49,12 +49,13 @@ Design
 """
 
 import contextlib
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ..triton_env import interpreter_enabled
 
 __all__ = ["triton_scan_forward", "triton_scan_backward", "triton_scan_forward_fake"]
 
@@ -69,7 +70,7 @@ def _fix_interpreter_loop_bounds() -> None:
     fails. Compiled (GPU) kernels are not affected. The patch re-registers ``__index__`` through the
     interpreter's own patch scope, so it is undone with the rest when the kernel returns.
     """
-    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "yes", "on"):
+    if not interpreter_enabled():
         return
     try:
         from triton.runtime import interpreter
