@@ -56,7 +56,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$INPUTS_HASH" ]; then
 fi
 
 # setuptools stays below 82 for good: mmengine's config loader imports pkg_resources.
-"${PIP[@]}" install -q "setuptools>=77.0.3,<82" wheel ninja psutil packaging
+"${PIP[@]}" install -q "setuptools>=77.0.3,<82" wheel ninja psutil packaging numpy
 
 if "$PY" -c "import torch" 2>/dev/null; then
     log "keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
