@@ -155,25 +155,41 @@ def test_mmdet_and_mmseg_datasets_load_the_generated_files(shapes_root: Path) ->
     pytest.importorskip("mmdet")
     pytest.importorskip("mmseg")
     from mmdet.datasets import CocoDataset
+    from mmengine.registry import DefaultScope
     from mmseg.datasets import BaseSegDataset
 
-    det = CocoDataset(
-        data_root=str(shapes_root),
-        ann_file="annotations/instances_train.json",
-        data_prefix=dict(img="images/train/"),
-        metainfo=dict(classes=SHAPE_CLASSES),
-        pipeline=[
-            dict(type="mmdet.LoadImageFromFile"),
-            dict(type="mmdet.LoadAnnotations", with_bbox=True, with_mask=True),
-        ],
-    )
+    # Each toolbox resolves its pipeline under its own default scope, as its configs do (other
+    # tests may have left a default scope set).
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        det = _coco_dataset(CocoDataset, shapes_root)
     assert len(det) == SMALL["num_train"]
     sample = det[0]
     assert sample["img"].shape == (64, 64, 3)
     assert len(sample["gt_masks"]) == len(sample["gt_bboxes"]) > 0
     assert set(sample["gt_bboxes_labels"].tolist()) <= {0, 1, 2}
 
-    seg = BaseSegDataset(
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        seg = _seg_dataset(BaseSegDataset, shapes_root)
+    assert len(seg) == SMALL["num_val"]
+    labels = np.unique(seg[0]["gt_seg_map"])
+    assert labels.min() == 0 and labels.max() <= len(SEG_CLASSES) - 1
+
+
+def _coco_dataset(dataset_class, shapes_root: Path):
+    return dataset_class(
+        data_root=str(shapes_root),
+        ann_file="annotations/instances_train.json",
+        data_prefix=dict(img="images/train/"),
+        metainfo=dict(classes=SHAPE_CLASSES),
+        pipeline=[
+            dict(type="LoadImageFromFile"),
+            dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+        ],
+    )
+
+
+def _seg_dataset(dataset_class, shapes_root: Path):
+    return dataset_class(
         data_root=str(shapes_root),
         data_prefix=dict(img_path="images/val", seg_map_path="seg/val"),
         img_suffix=".jpg",
@@ -181,13 +197,10 @@ def test_mmdet_and_mmseg_datasets_load_the_generated_files(shapes_root: Path) ->
         reduce_zero_label=True,
         metainfo=dict(classes=SEG_CLASSES),
         pipeline=[
-            dict(type="mmseg.LoadImageFromFile"),
-            dict(type="mmseg.LoadAnnotations", reduce_zero_label=True),
+            dict(type="LoadImageFromFile"),
+            dict(type="LoadAnnotations", reduce_zero_label=True),
         ],
     )
-    assert len(seg) == SMALL["num_val"]
-    labels = np.unique(seg[0]["gt_seg_map"])
-    assert labels.min() == 0 and labels.max() <= len(SEG_CLASSES) - 1
 
 
 def test_dataset_of_an_older_generator_version_is_regenerated(tmp_path: Path) -> None:
