@@ -18,6 +18,7 @@ demo: install
 
 bench: install
 	$(PY) tools/bench_scan.py
+	$(PY) tools/bench_backbone.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info work_dirs
