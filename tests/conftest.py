@@ -25,6 +25,13 @@ torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
 
 OPS_TESTS = Path(__file__).parent / "ops"
 
+# torch remembers, on first use, which constructors a ``with torch.device(...)`` block redirects.
+# Let it remember the real ``torch.empty`` now: if the first use fell while the NaN-filling wrapper
+# below is installed (torch.compile in the ops tests triggers it), later ``with
+# torch.device("meta")`` blocks would build real CPU tensors.
+with torch.device("cpu"):
+    torch.empty(0)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

@@ -183,7 +183,7 @@ def test_torch_backend_forward_and_fake_agree_on_shapes_and_dtypes(length, d_sta
     assert y.shape == y_fake.shape == (2, 12, length)
     assert y.dtype == y_fake.dtype == torch.float32
     assert [(t.shape, t.dtype) for t in saved] == [(t.shape, t.dtype) for t in saved_fake]
-    assert len(saved) == (2 if d_state == 1 else 1)
+    assert len(saved) == (3 if d_state == 1 else 1)
 
 
 def test_torch_backend_backward_with_and_without_saved_tensors_agree():
@@ -209,9 +209,9 @@ def test_torch_backend_does_not_modify_its_inputs():
         assert torch.equal(value, before[name]), f"{name} was modified"
 
 
-@pytest.mark.parametrize("d_state", [1, 16])
+@pytest.mark.parametrize("d_state", [2, 16])
 def test_torch_backend_in_channel_blocks_matches_naive(monkeypatch, d_state):
-    """Large problems run block by block (channels within one group); force tiny blocks."""
+    """Large N > 1 problems run block by block (channels within one group); force tiny blocks."""
     from vmamba_mm.ops.selective_scan import torch_scan
 
     monkeypatch.setattr(torch_scan, "_BLOCK_ELEMENTS", 2 * d_state * 40)
@@ -246,39 +246,77 @@ def test_torch_backend_with_one_state_is_finite_and_exact_with_vanishing_decay()
         assert_close(g[name], g_ref[name], rtol, atol, "d" + name)
 
 
-@pytest.mark.parametrize("d_state", [1, 16])
-def test_torch_backend_saved_tensors_are_the_compact_chunk_summaries(d_state):
-    """N > 1 saves only the states entering each chunk; N = 1 the time steps and the states."""
+def _naive_states(inputs, length, d_state):
+    """Every step's state of the recurrence, [batch, K*D, N, L], and the time steps dt."""
+    with torch.no_grad():
+        A, dt = inputs["A"], torch.nn.functional.softplus(
+            inputs["delta"] + inputs["delta_bias"][None, :, None]
+        )
+        B = inputs["B"].repeat_interleave(3, dim=1)
+        h = torch.zeros(2, 12, d_state)
+        states = []
+        for t in range(length):
+            h = torch.exp(dt[..., t, None] * A) * h + (dt[..., t] * inputs["u"][..., t])[
+                ..., None
+            ] * B[..., t]
+            states.append(h)
+    return torch.stack(states, -1), dt
+
+
+def test_torch_backend_saves_the_entering_states_for_more_than_one_state():
+    """N > 1 saves only the states entering each chunk, [batch, K*D, N, nc]."""
     from vmamba_mm.ops.selective_scan import torch_scan
 
-    length = 90
+    length, d_state = 90, 16
     inputs, softplus = make_inputs(2, 4, 3, length, d_state, with_D=True, with_bias=True,
                                    softplus=True)
-    y, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
-    chunk = torch_scan._chunk_size(length, d_state)
+    _, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
+    chunk = torch_scan._chunk_size(length)
     n_chunks = -(-length // chunk)
     assert n_chunks > 1
-    if d_state == 1:
-        assert [tuple(t.shape) for t in saved] == [(chunk, 2, 12, n_chunks)] * 2
-    else:
-        (entering,) = saved
-        assert entering.shape == (2, 12, d_state, n_chunks)
-        assert bool((entering[..., 0] == 0).all()), "nothing enters the first chunk"
-        # The state entering chunk j is the naive recurrence's state just before its first step.
-        with torch.no_grad():
-            A, dt = inputs["A"], torch.nn.functional.softplus(
-                inputs["delta"] + inputs["delta_bias"][None, :, None]
-            )
-            B = inputs["B"].repeat_interleave(3, dim=1)
-            h = torch.zeros(2, 12, d_state)
-            want = []
-            for t in range(length):
-                if t % chunk == 0:
-                    want.append(h.clone())
-                h = torch.exp(dt[..., t, None] * A) * h + (dt[..., t] * inputs["u"][..., t])[
-                    ..., None
-                ] * B[..., t]
-        torch.testing.assert_close(entering, torch.stack(want, -1), rtol=1e-4, atol=1e-5)
+    (entering,) = saved
+    assert entering.shape == (2, 12, d_state, n_chunks)
+    assert bool((entering[..., 0] == 0).all()), "nothing enters the first chunk"
+    # The state entering chunk j is the naive recurrence's state just before its first step.
+    states, _ = _naive_states(inputs, length, d_state)
+    want = states[..., chunk - 1 : -1 : chunk]
+    torch.testing.assert_close(entering[..., 1:], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [90, 97])
+def test_torch_backend_saves_u_dt_and_every_state_for_one_state(length):
+    """N = 1 saves u, dt and the states in the step layout [T, batch, K*D, nc], zero-padded."""
+    from vmamba_mm.ops.selective_scan import torch_scan_single_state as single
+
+    inputs, softplus = make_inputs(2, 4, 3, length, 1, with_D=True, with_bias=True,
+                                   softplus=True)
+    _, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
+    chunk, n_chunks = single.chunking(length)
+    assert n_chunks > 1 and chunk * n_chunks >= length
+    assert [tuple(t.shape) for t in saved] == [(chunk, 2, 12, n_chunks)] * 3
+    states, dt = _naive_states(inputs, length, 1)
+
+    def natural(x_l):  # [T, b, K*D, nc] -> [b, K*D, L]
+        return single.store_steps(x_l, torch.empty(2, 12, length))
+
+    u_l, dt_l, h_l = saved
+    assert torch.equal(natural(u_l), inputs["u"])
+    torch.testing.assert_close(natural(dt_l), dt)
+    torch.testing.assert_close(natural(h_l), states[:, :, 0], rtol=1e-4, atol=1e-5)
+    padded = chunk * n_chunks - length  # the padded steps are exact no-ops
+    for x_l in saved[:2]:
+        assert bool((x_l[chunk - padded :, ..., -1] == 0).all())
+
+
+@pytest.mark.parametrize("length", [1, 5, 49, 63, 257, 3136])
+def test_single_state_chunking_covers_the_sequence_near_its_square_root(length):
+    from vmamba_mm.ops.selective_scan.torch_scan_single_state import chunking
+
+    chunk, n_chunks = chunking(length)
+    assert (n_chunks - 1) * chunk < length <= chunk * n_chunks
+    assert chunk <= 2 * length**0.5 + 1 and n_chunks <= 2 * length**0.5 + 1
+    if length in (49, 63, 3136):  # a divisor close to sqrt(L) exists: no padding
+        assert chunk * n_chunks == length
 
 
 def test_torch_backend_backward_with_and_without_saved_entering_states_agree():
@@ -311,7 +349,7 @@ def test_torch_backend_blocks_reuse_one_workspace_without_stale_values(monkeypat
         return out
 
     monkeypatch.setattr(torch_scan._Workspace, "buffer", spy)
-    per_channel = 16 * torch_scan._chunk_size(45, 16) * -(-45 // torch_scan._chunk_size(45, 16))
+    per_channel = 16 * torch_scan._chunk_size(45) * -(-45 // torch_scan._chunk_size(45))
     monkeypatch.setattr(torch_scan, "_BLOCK_ELEMENTS", 3 * per_channel)  # blocks of 3, 3, 1
     blocks = torch_scan._channel_blocks(inputs["u"], inputs["A"], inputs["B"])
     assert [last - first for _, first, last in blocks] == [3, 3, 1, 3, 3, 1]

@@ -1,5 +1,9 @@
 """Fast pure-PyTorch selective scan: a chunked three-level scan with a hand-written backward.
 
+A one-dimensional state (d_state N = 1, every VMamba v2 model) has its own, leaner module,
+``torch_scan_single_state``, to which ``torch_scan_forward``/``torch_scan_backward`` hand it. What
+follows describes the path for N > 1 (the vanilla models' N = 16).
+
 The recurrence h_t = a_t * h_{t-1} + x_t (a_t = exp(delta_t * A), x_t = delta_t * B_t * u_t) is
 evaluated in chunks of T steps. The time axis [L] is laid out as [T, nc] (nc = ceil(L / T) chunks)
 with the time-in-chunk axis first, [T, batch, K*D, nc], so that step t of every chunk of every
@@ -26,9 +30,8 @@ Nothing ever divides by a decay: decays may underflow to zero (very negative A, 
 the result stays finite; the backward reads h_{t-1} from the recomputed states. The state is
 float32 whatever the input dtype (float64 for float64 inputs, for gradcheck).
 
-Saved for the backward: for N = 1 the time steps dt and the states (each as large as u); for
-N > 1 only the states entering each chunk ([batch, K*D, N, nc], 1/T of a state buffer), from
-which the backward recomputes the rest.
+Saved for the backward: only the states entering each chunk ([batch, K*D, N, nc], 1/T of a state
+buffer), from which the backward recomputes the rest.
 """
 
 import math
@@ -37,20 +40,23 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .torch_scan_single_state import (
+    single_state_backward,
+    single_state_forward,
+    single_state_saved_shapes,
+)
+
 Tensor = torch.Tensor
 
 
-def _chunk_size(length: int, d_state: int) -> int:
+def _chunk_size(length: int) -> int:
     """Steps per chunk T (the chunk count nc = ceil(L / T) follows).
 
     Each of the levels 1 and 3 runs T Python steps of several operations on [b, K*D, N, nc]
-    slices, the chunk-level scan nc steps of one small operation. For N = 1 the slices are small
-    and a step's cost is mostly fixed overhead, so shorter chunks (T about sqrt(L) / 2) are
-    cheaper; for N > 1 the slices are large and T about sqrt(L) measured best (longer chunks make
-    the innermost, contiguous nc axis too short to vectorise well).
+    slices, the chunk-level scan nc steps of one small operation. T about sqrt(L) measured best
+    (longer chunks make the innermost, contiguous nc axis too short to vectorise well).
     """
-    factor = 0.5 if d_state == 1 else 1.0
-    return max(1, min(length, math.ceil(factor * math.sqrt(length))))
+    return max(1, min(length, math.ceil(math.sqrt(length))))
 
 
 def _compute_dtype(u: Tensor) -> torch.dtype:
@@ -114,12 +120,12 @@ class _Prepared:
     slice is [b, K, D, N, nc].
     """
 
-    def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus, dt_l=None):
+    def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus):
         batch, channels, length = u.shape
         groups, d_state = B.shape[1], A.shape[1]
         per_group = channels // groups
         self.shape = (batch, channels, length, groups, per_group, d_state)
-        self.chunk = chunk = _chunk_size(length, d_state)
+        self.chunk = chunk = _chunk_size(length)
         self.n_chunks = n_chunks = math.ceil(length / chunk)
         self.padded = padded = chunk * n_chunks
         self.dtype = dtype = _compute_dtype(u)
@@ -127,15 +133,14 @@ class _Prepared:
         self.A_g = A.to(dtype).view(1, groups, per_group, d_state, 1)
         self.A_log2 = self.A_g * (1.0 / math.log(2.0))  # exp(x) = exp2(x / log(2))
         self.u_l = _to_steps(u, chunk, padded, dtype)  # [T, b, K*D, nc]
-        if dt_l is None:
-            dt_l = _to_steps(delta, chunk, padded, dtype)
-            if delta_bias is not None:
-                dt_l.add_(delta_bias.to(dtype)[None, None, :, None])
-            if delta_softplus:
-                dt_l = F.softplus(dt_l)  # threshold 20, as the kernels
-            # Padded steps must be exact no-ops: dt = 0 gives a = 1 and x = 0.
-            dt_l[length - (n_chunks - 1) * chunk :, :, :, -1] = 0
-        self.dt_l = dt_l  # read-only from here on (it may be a saved tensor)
+        dt_l = _to_steps(delta, chunk, padded, dtype)
+        if delta_bias is not None:
+            dt_l.add_(delta_bias.to(dtype)[None, None, :, None])
+        if delta_softplus:
+            dt_l = F.softplus(dt_l)  # threshold 20, as the kernels
+        # Padded steps must be exact no-ops: dt = 0 gives a = 1 and x = 0.
+        dt_l[length - (n_chunks - 1) * chunk :, :, :, -1] = 0
+        self.dt_l = dt_l
         self.dtu_l = dt_l * self.u_l
         self.B_l = _to_steps(B, chunk, padded, dtype)  # [T, b, K, N, nc]
         self.C_l = _to_steps(C, chunk, padded, dtype)
@@ -153,17 +158,13 @@ class _Prepared:
         """An uninitialised state slice [b, K, D, N, nc]."""
         return torch.empty(self.state_shape, dtype=self.dtype, device=self.u_l.device)
 
-    def states(self, workspace: Optional[_Workspace] = None, slot: int = 0) -> Tensor:
+    def states(self, workspace: _Workspace, slot: int) -> Tensor:
         """An uninitialised buffer of every step's state slice, [T, b, K, D, N, nc].
 
-        Taken from ``workspace`` (reused by the next channel block) when given, else fresh.
+        Taken from ``workspace``, whose buffers the next channel block reuses.
         """
         shape = (self.chunk, *self.state_shape)
-        if workspace is not None:
-            return workspace.buffer(slot, shape, self.dtype, self.u_l.device)
-        return torch.empty(shape, dtype=self.dtype, device=self.u_l.device)
-
-
+        return workspace.buffer(slot, shape, self.dtype, self.u_l.device)
     def decays(self, out: Tensor) -> Tensor:
         """a_t = exp(dt_t * A) of every step, written into ``out`` [T, b, K, D, N, nc].
 
@@ -204,15 +205,13 @@ def _entering_states(prep: _Prepared, decays: Tensor) -> Tensor:
     return entering.movedim(0, -1).contiguous()
 
 
-def _level3_forward(prep: _Prepared, entering: Tensor, decays: Tensor, states: Optional[Tensor],
-                    y_l: Tensor) -> None:
+def _level3_forward(prep: _Prepared, entering: Tensor, decays: Tensor, y_l: Tensor) -> None:
     """Level 3 of the forward: the true states from the entering ones, and y, step by step.
 
     Args:
         prep: the prepared inputs.
         entering: the true state entering each chunk, [b, K, D, N, nc].
         decays: a_t of every step, [T, b, K, D, N, nc] (from level 1).
-        states: when given, receives the state of every step, [T, b, K, D, N, nc].
         y_l: receives y_t = sum_n C_t h_t, [T, b, K*D, nc].
     """
     dtu_g, B_g, C_g = prep.per_channel(prep.dtu_l), prep.per_group(prep.B_l), prep.per_group(
@@ -220,13 +219,9 @@ def _level3_forward(prep: _Prepared, entering: Tensor, decays: Tensor, states: O
     )
     batch, _, _, groups, per_group, _ = prep.shape
     scratch = prep.state()
-    h = entering.clone() if states is None else entering
+    h = entering.clone()
     for t in range(prep.chunk):
-        if states is None:
-            h.mul_(decays[t])
-        else:
-            h = torch.mul(decays[t], h, out=states[t])
-        h.addcmul_(dtu_g[t], B_g[t])
+        h.mul_(decays[t]).addcmul_(dtu_g[t], B_g[t])
         _contract(h, C_g[t], 3, y_l[t].view(batch, groups, per_group, -1), scratch)
 
 
@@ -279,34 +274,22 @@ def _forward_block(
     D: Optional[Tensor],
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
-    workspace: Optional[_Workspace] = None,
+    workspace: _Workspace,
 ) -> Tuple[Tensor, List[Tensor]]:
     """Forward of one block of channels (all of them when the problem is small).
 
     Args and Returns: as ``torch_scan_forward``; ``workspace`` lends the scratch buffers.
     """
     prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
-    length, d_state = prep.shape[2], prep.shape[5]
     decays = prep.states(workspace, 0)
     entering = _entering_states(prep, decays)
     y_l = torch.empty(prep.u_l.shape, dtype=prep.dtype, device=u.device)  # [T, b, K*D, nc]
-    # For N = 1 the states are as small as u: keep them, the backward then skips a level.
-    states = prep.states() if d_state == 1 else None
-    _level3_forward(prep, entering, decays, states, y_l)
+    _level3_forward(prep, entering, decays, y_l)
     del decays
     if D is not None:
         y_l.addcmul_(prep.u_l, D.to(prep.dtype)[None, None, :, None])
-    y = _from_steps(y_l, length)
-    if d_state == 1:
-        saved = [prep.dt_l, states.view(prep.u_l.shape)]
-    else:
-        saved = [entering.flatten(1, 2)]  # [b, K*D, N, nc]
-    return y, saved
-
-
-def _saved_channel_dim(d_state: int) -> int:
-    """The channel axis of the saved tensors: [T, b, K*D, nc] (N = 1), [b, K*D, N, nc] (N > 1)."""
-    return 2 if d_state == 1 else 1
+    y = _from_steps(y_l, prep.shape[2])
+    return y, [entering.flatten(1, 2)]  # [b, K*D, N, nc]
 
 
 def torch_scan_forward_fake(
@@ -326,37 +309,14 @@ def torch_scan_forward_fake(
     """
     batch, channels, length = u.shape
     d_state = A.shape[1]
-    # The chunking depends on L's value: specialise on it.
-    chunk = _chunk_size(int(length), int(d_state))
-    n_chunks = math.ceil(int(length) / chunk)
     dtype = _compute_dtype(u)
+    # The chunking depends on L's value: specialise on it.
     if d_state == 1:
-        saved = [u.new_empty((chunk, batch, channels, n_chunks), dtype=dtype) for _ in range(2)]
+        shapes = single_state_saved_shapes(u)
     else:
-        saved = [u.new_empty((batch, channels, d_state, n_chunks), dtype=dtype)]
-    return u.new_empty(u.shape, dtype=dtype), saved
-
-
-def _local_adjoint_starts(prep: _Prepared, dy_g: Tensor, decays: Tensor) -> Tensor:
-    """Reverse level 1 (used when the states were saved): a_0 times each chunk's local adjoint.
-
-    Args:
-        prep: the prepared inputs.
-        dy_g: the output gradient, [T, b, K, D, 1, nc].
-        decays: [T, b, K, D, N, nc], receives a_t of every step.
-
-    Returns:
-        [b, K, D, N, nc]: a_0 g_0 of the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} run backwards
-        through each chunk from zero (what the chunk passes back to the previous one).
-    """
-    C_g = prep.per_group(prep.C_l)
-    g = prep.state()
-    last = prep.chunk - 1
-    torch.mul(C_g[last], dy_g[last], out=g)
-    prep.decays(decays)
-    for t in range(last - 1, -1, -1):
-        g.mul_(decays[t + 1]).addcmul_(C_g[t], dy_g[t])
-    return g.mul_(decays[0])
+        n_chunks = math.ceil(int(length) / _chunk_size(int(length)))
+        shapes = [(batch, channels, d_state, n_chunks)]
+    return u.new_empty(u.shape, dtype=dtype), [u.new_empty(s, dtype=dtype) for s in shapes]
 
 
 def _adjoint_leaving(prep: _Prepared, starts: Tensor) -> Tensor:
@@ -389,7 +349,7 @@ def _backward_block(
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
     *saved: Tensor,
-    workspace: Optional[_Workspace] = None,
+    workspace: _Workspace,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Backward of one block of channels; grads in the compute dtype (fp32, or fp64).
 
@@ -398,15 +358,14 @@ def _backward_block(
         u, delta, A, B, C, D, delta_bias, delta_softplus: the forward's inputs.
         *saved: what ``torch_scan_forward`` returned as saved; may be empty, in which case
             everything is recomputed. Never modified.
-        workspace: lends the scratch buffers (fresh ones when None).
+        workspace: lends the scratch buffers.
 
     Returns:
         (du, ddelta, dA, dB, dC, dD, ddelta_bias) in the compute dtype: [batch, K*D, L] twice,
         [K*D, N], [batch, K, N, L] twice, then [K*D] (or None when the input was None) twice.
     """
     d_state = A.shape[1]
-    dt_saved = saved[0] if saved and d_state == 1 else None
-    prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus, dt_l=dt_saved)
+    prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
     length, chunk = prep.shape[2], prep.chunk
     device = u.device
     dy_l = _to_steps(dy, chunk, prep.padded, prep.dtype)  # [T, b, K*D, nc]
@@ -420,19 +379,11 @@ def _backward_block(
     decays, decayed_prev = prep.states(workspace, 0), prep.states(workspace, 1)
     group_shape = (chunk, *prep.state_shape[:2], d_state, prep.n_chunks)  # [T, b, K, N, nc]
     dC_l = torch.empty(group_shape, dtype=prep.dtype, device=device)
-    if d_state == 1 and saved:
-        states = saved[1].view(decays.shape)
-        torch.sum(states * dy_g, 3, out=dC_l)
-        starts = _local_adjoint_starts(prep, dy_g, decays)
-        torch.mul(decays[1:], states[:-1], out=decayed_prev[1:])
-        decayed_prev[0, ..., 0].zero_()  # nothing enters the first chunk
-        torch.mul(decays[0, ..., 1:], states[-1, ..., :-1], out=decayed_prev[0, ..., 1:])
+    if saved:
+        entering = saved[0].view(prep.state_shape)
     else:
-        if saved:
-            entering = saved[0].view(prep.state_shape)
-        else:
-            entering = _entering_states(prep, decays)
-        starts = _level3_backward(prep, entering, dy_g, decays, decayed_prev, dC_l)
+        entering = _entering_states(prep, decays)
+    starts = _level3_backward(prep, entering, dy_g, decays, decayed_prev, dC_l)
 
     # The adjoint, step by step in reverse, with every gradient reduced on the spot.
     g = _adjoint_leaving(prep, starts)
@@ -488,7 +439,7 @@ def _channel_blocks(u: Tensor, A: Tensor, B: Tensor) -> List[Tuple[int, int, int
     batch, channels, length = u.shape
     groups = B.shape[1]
     per_group = channels // groups
-    chunk = _chunk_size(length, A.shape[1])
+    chunk = _chunk_size(length)
     per_channel = batch * A.shape[1] * chunk * math.ceil(length / chunk)
     if channels * per_channel <= _BLOCK_ELEMENTS:
         return []  # one block: no slicing at all
@@ -522,8 +473,9 @@ def torch_scan_forward(
 ) -> Tuple[Tensor, List[Tensor]]:
     """Selective scan forward (no autograd), same math as ``selective_scan_naive``.
 
-    Large problems are processed in blocks of channels (within one group); each block runs the
-    chunked scan described in the module docstring.
+    N = 1 runs ``single_state_forward``. For N > 1, large problems are processed in blocks of
+    channels (within one group); each block runs the chunked scan described in the module
+    docstring.
 
     Args:
         u: [batch, K*D, L], fp32/bf16/fp16 (fp64 is computed in fp64, for gradcheck).
@@ -536,13 +488,17 @@ def torch_scan_forward(
 
     Returns:
         (y, saved): y is fp32 [batch, K*D, L] (fp64 for fp64 inputs). saved, in the compute
-        dtype: for N = 1 the time steps after bias/softplus and the states, both in the step
+        dtype: for N = 1 u, the time steps after bias/softplus and the states, in the step
         layout [T, batch, K*D, nc] (each as large as u); for N > 1 the states entering each
         chunk, [batch, K*D, N, nc] (the backward recomputes the others from them).
     """
+    if A.shape[1] == 1:
+        return single_state_forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
     blocks = _channel_blocks(u, A, B)
     if not blocks:
-        return _forward_block(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        return _forward_block(
+            u, delta, A, B, C, D, delta_bias, delta_softplus, _Workspace()
+        )
     y = torch.empty(u.shape, dtype=_compute_dtype(u), device=u.device)
     saved_blocks = []
     workspace = _Workspace()
@@ -552,8 +508,7 @@ def torch_scan_forward(
         )
         y[:, block[1] : block[2]] = y_block
         saved_blocks.append(saved)
-    dim = _saved_channel_dim(A.shape[1])
-    return y, [torch.cat(parts, dim=dim) for parts in zip(*saved_blocks)]
+    return y, [torch.cat(parts, dim=1) for parts in zip(*saved_blocks)]
 
 
 def torch_scan_backward(
@@ -581,12 +536,15 @@ def torch_scan_backward(
         dA fp32 [K*D, N], dB/dC in B/C's dtype [batch, K, N, L], dD and ddelta_bias fp32 [K*D]
         or None when the input was None.
     """
+    if A.shape[1] == 1:
+        return single_state_backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus, *saved)
     blocks = _channel_blocks(u, A, B)
     if not blocks:
-        grads = list(_backward_block(dy, u, delta, A, B, C, D, delta_bias, delta_softplus, *saved))
+        grads = list(_backward_block(
+            dy, u, delta, A, B, C, D, delta_bias, delta_softplus, *saved, workspace=_Workspace()
+        ))
     else:
         dtype = _compute_dtype(u)
-        dim = _saved_channel_dim(A.shape[1])
         grads = [
             torch.empty(u.shape, dtype=dtype, device=u.device),
             torch.empty(u.shape, dtype=dtype, device=u.device),
@@ -601,7 +559,7 @@ def torch_scan_backward(
             k, part = block[0], slice(block[1], block[2])
             du, ddelta, dA, dB, dC, dD, ddelta_bias = _backward_block(
                 dy[:, part], *_block_args(block, u, delta, A, B, C, D, delta_bias),
-                delta_softplus, *(t.narrow(dim, block[1], block[2] - block[1]) for t in saved),
+                delta_softplus, *(t.narrow(1, block[1], block[2] - block[1]) for t in saved),
                 workspace=workspace,
             )
             grads[0][:, part], grads[1][:, part], grads[2][part] = du, ddelta, dA

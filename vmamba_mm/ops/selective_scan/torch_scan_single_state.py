@@ -1,0 +1,296 @@
+"""Pure-PyTorch selective scan for a one-dimensional state (d_state N = 1, every VMamba v2 model).
+
+With N = 1 the state h_t = a_t h_{t-1} + x_t (a_t = exp(dt_t A), x_t = dt_t B_t u_t) has u's size,
+so every step's state can simply be kept. The time axis [L] is cut into nc chunks of T steps
+(T about sqrt(L)) and laid out time-in-chunk first, [T, b, K*D, nc]: step t of every chunk of
+every channel is one contiguous slice, and one Python step advances all chunks at once.
+
+Forward, with x_t formed for all steps in two whole-tensor passes:
+
+1. level 1: a running state through every chunk from zero, which leaves each chunk's local end
+   state (T steps of one ``addcmul`` each);
+2. level 2: the scan over the chunk ends, with the whole-chunk decays exp(A sum_t dt_t), gives the
+   true state entering each chunk (nc small steps);
+3. level 3: the recurrence again, in place on x, starting from the entering states: x becomes the
+   true state of every step (T steps of one ``addcmul_`` each). y = C h + D u is then a
+   whole-tensor pass.
+
+The backward runs the same three levels in reverse time for the adjoint
+g_t = C_t dy_t + a_{t+1} g_{t+1}, in place on C dy, and forms every gradient in whole-tensor
+passes: d(dt A) = g_t a_t h_{t-1} (a_t times the kept previous state: nothing is ever divided by
+a decay, so decays that underflow to zero are harmless), dB and dC as sums over the D channels of
+a group, and softplus' derivative as sigmoid(v) = 1 - exp(-softplus(v)) from the kept time steps.
+
+Saved for the backward, in the step layout and the compute dtype: u, the time steps dt (after
+bias and softplus) and the states, three tensors as large as u. The layout changes at the edges
+are 4-d strided copies, which PyTorch runs in parallel (a 2-d transpose takes a slower path).
+"""
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def chunking(length: int) -> Tuple[int, int]:
+    """(T, nc): steps per chunk and chunk count, T * nc >= L.
+
+    Both loops over the steps of a chunk and the one over the chunks cost Python steps, so T and
+    nc are both kept near sqrt(L). A divisor of L in [sqrt(L) / 2, 2 sqrt(L)] is preferred (no
+    padded steps; VMamba's L = H * W always has one when H and W are close); else T = ceil(sqrt L).
+    """
+    root = math.sqrt(length)
+    divisors = [t for t in range(max(1, math.ceil(root / 2)), int(2 * root) + 1) if length % t == 0]
+    chunk = min(divisors, key=lambda t: abs(t - root)) if divisors else math.ceil(root)
+    return chunk, math.ceil(length / chunk)
+
+
+def _compute_dtype(u: Tensor) -> torch.dtype:
+    """float32 for fp32/bf16/fp16 inputs; float64 inputs (gradcheck) stay in float64."""
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def load_steps(x: Tensor, out: Tensor) -> Tensor:
+    """Writes x [*lead, L] into ``out`` [T, *lead, nc] (step t of chunk j is x[..., j*T + t]).
+
+    Steps past L (the padded end of the last chunk) are set to zero. Casts to out's dtype.
+    Returns ``out``.
+    """
+    chunk, n_chunks, length = out.shape[0], out.shape[-1], x.shape[-1]
+    full = length // chunk  # chunks without padding
+    if full:
+        out[..., :full].copy_(x[..., : full * chunk].unflatten(-1, (full, chunk)).movedim(-1, 0))
+    if full < n_chunks:
+        rest = length - full * chunk
+        out[:rest, ..., full].copy_(x[..., full * chunk :].movedim(-1, 0))
+        out[rest:, ..., full].zero_()
+    return out
+
+
+def store_steps(x_l: Tensor, out: Tensor) -> Tensor:
+    """Writes the valid steps of x_l [T, *lead, nc] into ``out`` [*lead, L]; returns ``out``."""
+    chunk, length = x_l.shape[0], out.shape[-1]
+    full = length // chunk
+    if full:
+        out[..., : full * chunk].unflatten(-1, (full, chunk)).copy_(
+            x_l[..., :full].movedim(0, -1)
+        )
+    rest = length - full * chunk
+    if rest:
+        out[..., full * chunk :].copy_(x_l[:rest, ..., full].movedim(0, -1))
+    return out
+
+
+class _Steps:
+    """The inputs in the step layout and the compute dtype, shared by the forward and backward.
+
+    Per-channel tensors are [T, b, K*D, nc], read per group through [T, b, K, D, nc] views;
+    B and C are [T, b, K, 1, nc], broadcast over the D channels of their group.
+    """
+
+    def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus, saved=()):
+        batch, channels, length = u.shape
+        groups = B.shape[1]
+        self.length = length
+        self.group_shape = (batch, groups, channels // groups)
+        self.chunk, self.n_chunks = chunk, n_chunks = chunking(length)
+        self.dtype = dtype = _compute_dtype(u)
+        self.device = u.device
+        self.shape = (chunk, batch, channels, n_chunks)
+        self.A = A.to(dtype).view(channels, 1)
+        self.A_log2 = self.A * _LOG2E  # exp(x) = exp2(x log2(e)), exp2 is cheaper on CPUs
+        self.B_l = self.load(B.view(batch, groups, length)).unsqueeze(3)
+        self.C_l = self.load(C.view(batch, groups, length)).unsqueeze(3)
+        if saved:
+            self.u_l, self.dt_l, self.h_l = saved
+            return
+        self.u_l = self.load(u)
+        dt_l = self.load(delta)
+        if delta_bias is not None:
+            dt_l.add_(delta_bias.to(dtype).view(channels, 1))
+        if delta_softplus:
+            dt_l = F.softplus(dt_l)  # threshold 20, as the kernels
+        rest = length - (n_chunks - 1) * chunk
+        dt_l[rest:, ..., -1] = 0  # padded steps must be no-ops: a = 1, x = 0
+        self.dt_l = dt_l
+        self.h_l = None  # the states, once the forward has run
+
+    def load(self, x: Tensor) -> Tensor:
+        """A fresh [T, *lead, nc] step-layout copy of x [*lead, L] in the compute dtype."""
+        out = torch.empty(
+            (self.chunk, *x.shape[:-1], self.n_chunks), dtype=self.dtype, device=self.device
+        )
+        return load_steps(x, out)
+
+    def per_group(self, x: Tensor) -> Tensor:
+        """[T, b, K*D, nc] -> view [T, b, K, D, nc]."""
+        return x.view(self.chunk, *self.group_shape, self.n_chunks)
+
+    def decays(self, out: Tensor) -> Tensor:
+        """a_t = exp(dt_t A) of every step, written into ``out`` [T, b, K*D, nc]."""
+        return torch.mul(self.dt_l, self.A_log2, out=out).exp2_()
+
+    def chunk_decays(self) -> Tensor:
+        """exp(A sum_t dt_t), the decay over each whole chunk, as [nc, b, K*D]."""
+        return torch.exp2(self.dt_l.sum(0).mul_(self.A_log2)).movedim(-1, 0).contiguous()
+
+
+def _chunk_scan(ends: Tensor, whole: Tensor, reverse: bool) -> Tensor:
+    """Level 2: s_{j+1} = ends_j + whole_j s_j over the chunks (from the far end if ``reverse``).
+
+    Args:
+        ends: [nc, ...], what each chunk adds when nothing enters it.
+        whole: [nc, ...], the decay across each chunk.
+
+    Returns:
+        [..., nc]: what enters each chunk, zero for the first (the last when ``reverse``).
+    """
+    n_chunks = ends.shape[0]
+    ends = ends.contiguous()
+    out = torch.empty_like(ends)
+    if reverse:
+        out[-1].zero_()
+        for j in range(n_chunks - 1, 0, -1):
+            torch.addcmul(ends[j], whole[j], out[j], out=out[j - 1])
+    else:
+        out[0].zero_()
+        for j in range(n_chunks - 1):
+            torch.addcmul(ends[j], whole[j], out[j], out=out[j + 1])
+    return out.movedim(0, -1)
+
+
+def _states(steps: _Steps, a: Tensor, x: Tensor) -> None:
+    """Turns x (the inputs dt B u, [T, b, K*D, nc]) into the states h, in place.
+
+    Args:
+        steps: the prepared inputs.
+        a: the decays of every step, [T, b, K*D, nc].
+        x: dt_t B_t u_t of every step; receives h_t.
+    """
+    h = x[0].clone()
+    for t in range(1, steps.chunk):  # level 1: chunk-local end states
+        torch.addcmul(x[t], a[t], h, out=h)
+    entering = _chunk_scan(h.movedim(-1, 0), steps.chunk_decays(), reverse=False)
+    x[0].addcmul_(a[0], entering)
+    for t in range(1, steps.chunk):  # level 3: the true states
+        x[t].addcmul_(a[t], x[t - 1])
+
+
+def _forward_states(steps: _Steps) -> Tuple[Tensor, Tensor]:
+    """Runs the recurrence; returns (states, decays), both [T, b, K*D, nc]."""
+    x = torch.mul(steps.dt_l, steps.u_l)
+    steps.per_group(x).mul_(steps.B_l)
+    a = steps.decays(torch.empty_like(x))
+    _states(steps, a, x)
+    return x, a
+
+
+def single_state_forward(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+) -> Tuple[Tensor, List[Tensor]]:
+    """Selective scan forward for N = 1 (no autograd); arguments as ``torch_scan_forward``.
+
+    Returns:
+        (y, saved): y [batch, K*D, L] in the compute dtype; saved = [u, dt, h], each
+        [T, batch, K*D, nc] in the step layout and the compute dtype.
+    """
+    steps = _Steps(u, delta, A, B, C, delta_bias, delta_softplus)
+    h, y_l = _forward_states(steps)  # y_l reuses the decays' buffer
+    torch.mul(steps.per_group(h), steps.C_l, out=steps.per_group(y_l))
+    if D is not None:
+        y_l.addcmul_(steps.u_l, D.to(steps.dtype).view(-1, 1))
+    y = store_steps(y_l, torch.empty(u.shape, dtype=steps.dtype, device=u.device))
+    return y, [steps.u_l, steps.dt_l, h]
+
+
+def single_state_saved_shapes(u: Tensor) -> List[Tuple[int, ...]]:
+    """Shapes of what ``single_state_forward`` saves, for fake tensors."""
+    batch, channels, length = u.shape
+    chunk, n_chunks = chunking(int(length))
+    return [(chunk, batch, channels, n_chunks)] * 3
+
+
+def _adjoint(steps: _Steps, a: Tensor, g: Tensor) -> None:
+    """Turns g (C_t dy_t, [T, b, K*D, nc]) into the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}.
+
+    In place, in reverse time, with the same three levels as the forward.
+    """
+    last = steps.chunk - 1
+    local = g[last].clone()
+    for t in range(last - 1, -1, -1):  # level 1: each chunk's adjoint at its first step
+        torch.addcmul(g[t], a[t + 1], local, out=local)
+    passed_back = local.mul_(a[0]).movedim(-1, 0)  # what a chunk hands to the previous one
+    g[last].add_(_chunk_scan(passed_back, steps.chunk_decays(), reverse=True))
+    for t in range(last - 1, -1, -1):  # level 3: the true adjoint
+        g[t].addcmul_(a[t + 1], g[t + 1])
+
+
+def single_state_backward(
+    dy: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    *saved: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Gradients for N = 1 (no autograd); arguments and results as ``torch_scan_backward``.
+
+    ``saved`` is what the forward returned, or empty (the states are then recomputed); it is
+    never modified. du/ddelta/dB/dC come in the inputs' dtypes, dA/dD/ddelta_bias in the compute
+    dtype.
+    """
+    steps = _Steps(u, delta, A, B, C, delta_bias, delta_softplus, saved)
+    if steps.h_l is None:
+        steps.h_l, a = _forward_states(steps)
+    else:
+        a = steps.decays(torch.empty(steps.shape, dtype=steps.dtype, device=steps.device))
+    u_l, dt_l, h = steps.u_l, steps.dt_l, steps.h_l
+    dy_l = steps.load(dy)
+    g = torch.mul(steps.per_group(dy_l), steps.C_l).view(steps.shape)
+    _adjoint(steps, a, g)
+
+    # a_t h_{t-1}: the previous state of a chunk's first step is the last of the chunk before.
+    a[1:].mul_(h[:-1])
+    a[0, ..., 1:].mul_(h[-1, ..., :-1])
+    a[0, ..., 0].zero_()
+    dlog = a.mul_(g)  # d loss / d(dt_t A)
+    scratch = torch.mul(dlog, dt_l)
+    dA = scratch.sum((0, 1, 3)).unsqueeze(1)
+    batch, groups, _ = steps.group_shape
+    group_l = torch.empty((steps.chunk, batch, groups, steps.n_chunks), dtype=steps.dtype,
+                          device=steps.device)
+    dC = store_steps(torch.sum(steps.per_group(torch.mul(dy_l, h, out=scratch)), 3, out=group_l),
+                     torch.empty(C.shape[:2] + C.shape[3:], dtype=C.dtype, device=C.device))
+    dD = None if D is None else torch.mul(dy_l, u_l, out=scratch).sum((0, 1, 3))
+    torch.mul(dt_l, u_l, out=scratch).mul_(g)
+    dB = store_steps(torch.sum(steps.per_group(scratch), 3, out=group_l),
+                     torch.empty(B.shape[:2] + B.shape[3:], dtype=B.dtype, device=B.device))
+    ddtu = steps.per_group(g).mul_(steps.B_l).view(steps.shape)  # d loss / d(dt u), in g
+    ddt = dlog.mul_(steps.A).addcmul_(ddtu, u_l)
+    du_l = ddtu.mul_(dt_l)
+    if D is not None:
+        du_l.addcmul_(dy_l, D.to(steps.dtype).view(-1, 1))
+    if delta_softplus:
+        # softplus'(v) = sigmoid(v) = 1 - exp(-softplus(v)): from dt itself, no second pass over
+        # delta. Above the threshold 20 it rounds to 1, the thresholded derivative.
+        ddt.mul_(torch.neg(dt_l, out=scratch).expm1_()).neg_()
+    ddelta_bias = None if delta_bias is None else ddt.sum((0, 1, 3))
+    du = store_steps(du_l, torch.empty(u.shape, dtype=u.dtype, device=u.device))
+    ddelta = store_steps(ddt, torch.empty(delta.shape, dtype=delta.dtype, device=u.device))
+    return du, ddelta, dA, dB.unsqueeze(2), dC.unsqueeze(2), dD, ddelta_bias
