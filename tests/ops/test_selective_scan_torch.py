@@ -1,9 +1,12 @@
 """The "torch" selective-scan backend against the naive reference: output and every gradient."""
 
+import math
+
 import pytest
 import torch
 
 from vmamba_mm.ops.selective_scan import selective_scan, selective_scan_naive
+from vmamba_mm.ops.selective_scan.step_layout import chunking
 from vmamba_mm.ops.selective_scan.torch_scan import (
     torch_scan_backward,
     torch_scan_forward,
@@ -265,14 +268,11 @@ def _naive_states(inputs, length, d_state):
 
 def test_torch_backend_saves_the_entering_states_for_more_than_one_state():
     """N > 1 saves only the states entering each chunk, [batch, K*D, N, nc]."""
-    from vmamba_mm.ops.selective_scan import torch_scan
-
     length, d_state = 90, 16
     inputs, softplus = make_inputs(2, 4, 3, length, d_state, with_D=True, with_bias=True,
                                    softplus=True)
     _, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
-    chunk = torch_scan._chunk_size(length)
-    n_chunks = -(-length // chunk)
+    chunk, n_chunks = chunking(length)
     assert n_chunks > 1
     (entering,) = saved
     assert entering.shape == (2, 12, d_state, n_chunks)
@@ -286,18 +286,18 @@ def test_torch_backend_saves_the_entering_states_for_more_than_one_state():
 @pytest.mark.parametrize("length", [90, 97])
 def test_torch_backend_saves_u_dt_and_every_state_for_one_state(length):
     """N = 1 saves u, dt and the states in the step layout [T, batch, K*D, nc], zero-padded."""
-    from vmamba_mm.ops.selective_scan import torch_scan_single_state as single
+    from vmamba_mm.ops.selective_scan import step_layout
 
     inputs, softplus = make_inputs(2, 4, 3, length, 1, with_D=True, with_bias=True,
                                    softplus=True)
     _, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
-    chunk, n_chunks = single.chunking(length)
+    chunk, n_chunks = chunking(length)
     assert n_chunks > 1 and chunk * n_chunks >= length
     assert [tuple(t.shape) for t in saved] == [(chunk, 2, 12, n_chunks)] * 3
     states, dt = _naive_states(inputs, length, 1)
 
     def natural(x_l):  # [T, b, K*D, nc] -> [b, K*D, L]
-        return single.store_steps(x_l, torch.empty(2, 12, length))
+        return step_layout.store_steps(x_l, torch.empty(2, 12, length))
 
     u_l, dt_l, h_l = saved
     assert torch.equal(natural(u_l), inputs["u"])
@@ -310,8 +310,6 @@ def test_torch_backend_saves_u_dt_and_every_state_for_one_state(length):
 
 @pytest.mark.parametrize("length", [1, 5, 49, 63, 257, 3136])
 def test_single_state_chunking_covers_the_sequence_near_its_square_root(length):
-    from vmamba_mm.ops.selective_scan.torch_scan_single_state import chunking
-
     chunk, n_chunks = chunking(length)
     assert (n_chunks - 1) * chunk < length <= chunk * n_chunks
     assert chunk <= 2 * length**0.5 + 1 and n_chunks <= 2 * length**0.5 + 1
@@ -349,7 +347,7 @@ def test_torch_backend_blocks_reuse_one_workspace_without_stale_values(monkeypat
         return out
 
     monkeypatch.setattr(torch_scan._Workspace, "buffer", spy)
-    per_channel = 16 * torch_scan._chunk_size(45) * -(-45 // torch_scan._chunk_size(45))
+    per_channel = 16 * math.prod(chunking(45))
     monkeypatch.setattr(torch_scan, "_BLOCK_ELEMENTS", 3 * per_channel)  # blocks of 3, 3, 1
     blocks = torch_scan._channel_blocks(inputs["u"], inputs["A"], inputs["B"])
     assert [last - first for _, first, last in blocks] == [3, 3, 1, 3, 3, 1]

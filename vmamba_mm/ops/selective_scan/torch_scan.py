@@ -40,6 +40,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .step_layout import chunking, compute_dtype, from_steps, softplus_grad_, to_steps
 from .torch_scan_single_state import (
     single_state_backward,
     single_state_forward,
@@ -47,39 +48,6 @@ from .torch_scan_single_state import (
 )
 
 Tensor = torch.Tensor
-
-
-def _chunk_size(length: int) -> int:
-    """Steps per chunk T (the chunk count nc = ceil(L / T) follows).
-
-    Each of the levels 1 and 3 runs T Python steps of several operations on [b, K*D, N, nc]
-    slices, the chunk-level scan nc steps of one small operation. T about sqrt(L) measured best
-    (longer chunks make the innermost, contiguous nc axis too short to vectorise well).
-    """
-    return max(1, min(length, math.ceil(math.sqrt(length))))
-
-
-def _compute_dtype(u: Tensor) -> torch.dtype:
-    """float32 for fp32/bf16/fp16 inputs; float64 inputs (gradcheck) stay in float64."""
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
-
-
-def _to_steps(x: Tensor, chunk: int, padded: int, dtype: torch.dtype) -> Tensor:
-    """[b, X.., L] -> fresh contiguous [T, b, X.., nc] (zero-padded to T * nc steps)."""
-    extra = padded - x.shape[-1]
-    if extra:
-        x = F.pad(x, (0, extra))
-    # One 2-D transpose [(b X.. nc), T] -> [T, (b X.. nc)], the cheapest form of this copy.
-    steps = x.reshape(-1, chunk).t().to(dtype, memory_format=torch.contiguous_format, copy=True)
-    return steps.view(chunk, *x.shape[:-1], -1)
-
-
-def _from_steps(x: Tensor, length: int) -> Tensor:
-    """Contiguous [T, b, X.., nc] -> fresh contiguous [b, X.., length]."""
-    shape = x.shape[1:-1]
-    # One 2-D transpose [T, (b X.. nc)] -> [(b X.. nc), T], the cheapest form of this copy.
-    x = x.view(x.shape[0], -1).t().contiguous().view(*shape, -1)
-    return x if x.shape[-1] == length else x[..., :length].contiguous()
 
 
 def _contract(x: Tensor, y: Tensor, dim: int, out: Tensor, scratch: Tensor) -> None:
@@ -125,15 +93,13 @@ class _Prepared:
         groups, d_state = B.shape[1], A.shape[1]
         per_group = channels // groups
         self.shape = (batch, channels, length, groups, per_group, d_state)
-        self.chunk = chunk = _chunk_size(length)
-        self.n_chunks = n_chunks = math.ceil(length / chunk)
-        self.padded = padded = chunk * n_chunks
-        self.dtype = dtype = _compute_dtype(u)
+        self.chunk, self.n_chunks = chunk, n_chunks = chunking(length)
+        self.dtype = dtype = compute_dtype(u)
         self.state_shape = (batch, groups, per_group, d_state, n_chunks)
         self.A_g = A.to(dtype).view(1, groups, per_group, d_state, 1)
         self.A_log2 = self.A_g * (1.0 / math.log(2.0))  # exp(x) = exp2(x / log(2))
-        self.u_l = _to_steps(u, chunk, padded, dtype)  # [T, b, K*D, nc]
-        dt_l = _to_steps(delta, chunk, padded, dtype)
+        self.u_l = to_steps(u, chunk, n_chunks, dtype)  # [T, b, K*D, nc]
+        dt_l = to_steps(delta, chunk, n_chunks, dtype)
         if delta_bias is not None:
             dt_l.add_(delta_bias.to(dtype)[None, None, :, None])
         if delta_softplus:
@@ -142,8 +108,8 @@ class _Prepared:
         dt_l[length - (n_chunks - 1) * chunk :, :, :, -1] = 0
         self.dt_l = dt_l
         self.dtu_l = dt_l * self.u_l
-        self.B_l = _to_steps(B, chunk, padded, dtype)  # [T, b, K, N, nc]
-        self.C_l = _to_steps(C, chunk, padded, dtype)
+        self.B_l = to_steps(B, chunk, n_chunks, dtype)  # [T, b, K, N, nc]
+        self.C_l = to_steps(C, chunk, n_chunks, dtype)
 
     def per_channel(self, x: Tensor) -> Tensor:
         """[T, b, K*D, nc] -> view [T, b, K, D, 1, nc]."""
@@ -288,7 +254,7 @@ def _forward_block(
     del decays
     if D is not None:
         y_l.addcmul_(prep.u_l, D.to(prep.dtype)[None, None, :, None])
-    y = _from_steps(y_l, prep.shape[2])
+    y = from_steps(y_l, prep.shape[2], prep.dtype)
     return y, [entering.flatten(1, 2)]  # [b, K*D, N, nc]
 
 
@@ -309,12 +275,12 @@ def torch_scan_forward_fake(
     """
     batch, channels, length = u.shape
     d_state = A.shape[1]
-    dtype = _compute_dtype(u)
+    dtype = compute_dtype(u)
     # The chunking depends on L's value: specialise on it.
     if d_state == 1:
         shapes = single_state_saved_shapes(u)
     else:
-        n_chunks = math.ceil(int(length) / _chunk_size(int(length)))
+        n_chunks = chunking(int(length))[1]
         shapes = [(batch, channels, d_state, n_chunks)]
     return u.new_empty(u.shape, dtype=dtype), [u.new_empty(s, dtype=dtype) for s in shapes]
 
@@ -368,7 +334,7 @@ def _backward_block(
     prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
     length, chunk = prep.shape[2], prep.chunk
     device = u.device
-    dy_l = _to_steps(dy, chunk, prep.padded, prep.dtype)  # [T, b, K*D, nc]
+    dy_l = to_steps(dy, chunk, prep.n_chunks, prep.dtype)  # [T, b, K*D, nc]
     dy_g = prep.per_channel(dy_l)
     dtu_g, B_g, C_g = prep.per_channel(prep.dtu_l), prep.per_group(prep.B_l), prep.per_group(
         prep.C_l
@@ -405,25 +371,20 @@ def _backward_block(
     del decays, decayed_prev
     dA = dA_acc.sum((0, 4)).flatten(0, 1)  # [K*D, N]
 
-    # du and ddelta are formed in the step layout (contiguous passes) and transposed once.
+    # Every gradient is formed in the step layout (contiguous passes) and changes layout once.
     ddt_l.addcmul_(ddtu_l, prep.u_l)
     du_l = ddtu_l.mul_(prep.dt_l)
     dD = None
     if D is not None:
         du_l.addcmul_(dy_l, D.to(prep.dtype)[None, None, :, None])
         dD = (dy_l * prep.u_l).sum((0, 1, 3))
-    du = _from_steps(du_l, length)
-    ddelta = _from_steps(ddt_l, length)
     if delta_softplus:
-        # d softplus(v)/dv = sigmoid(v); above the threshold 20 it rounds to 1 in fp32, as the
-        # thresholded derivative is 1.
-        pre = delta.to(prep.dtype, copy=True)
-        if delta_bias is not None:
-            pre.add_(delta_bias.to(prep.dtype)[None, :, None])
-        ddelta.mul_(pre.sigmoid_())
-    ddelta_bias = ddelta.sum((0, 2)) if delta_bias is not None else None
-    dB = _from_steps(dB_l, length)
-    dC = _from_steps(dC_l, length)
+        softplus_grad_(ddt_l, prep.dt_l, dy_l)  # dy_l is no longer needed
+    ddelta_bias = ddt_l.sum((0, 1, 3)) if delta_bias is not None else None
+    du = from_steps(du_l, length, prep.dtype)
+    ddelta = from_steps(ddt_l, length, prep.dtype)
+    dB = from_steps(dB_l, length, prep.dtype)
+    dC = from_steps(dC_l, length, prep.dtype)
     return du, ddelta, dA, dB, dC, dD, ddelta_bias
 
 
@@ -439,8 +400,8 @@ def _channel_blocks(u: Tensor, A: Tensor, B: Tensor) -> List[Tuple[int, int, int
     batch, channels, length = u.shape
     groups = B.shape[1]
     per_group = channels // groups
-    chunk = _chunk_size(length)
-    per_channel = batch * A.shape[1] * chunk * math.ceil(length / chunk)
+    chunk, n_chunks = chunking(length)
+    per_channel = batch * A.shape[1] * chunk * n_chunks
     if channels * per_channel <= _BLOCK_ELEMENTS:
         return []  # one block: no slicing at all
     size = max(1, min(per_group, _BLOCK_ELEMENTS // per_channel))
@@ -499,7 +460,7 @@ def torch_scan_forward(
         return _forward_block(
             u, delta, A, B, C, D, delta_bias, delta_softplus, _Workspace()
         )
-    y = torch.empty(u.shape, dtype=_compute_dtype(u), device=u.device)
+    y = torch.empty(u.shape, dtype=compute_dtype(u), device=u.device)
     saved_blocks = []
     workspace = _Workspace()
     for block in blocks:
@@ -544,7 +505,7 @@ def torch_scan_backward(
             dy, u, delta, A, B, C, D, delta_bias, delta_softplus, *saved, workspace=_Workspace()
         ))
     else:
-        dtype = _compute_dtype(u)
+        dtype = compute_dtype(u)
         grads = [
             torch.empty(u.shape, dtype=dtype, device=u.device),
             torch.empty(u.shape, dtype=dtype, device=u.device),

@@ -19,11 +19,11 @@ The backward runs the same three levels in reverse time for the adjoint
 g_t = C_t dy_t + a_{t+1} g_{t+1}, in place on C dy, and forms every gradient in whole-tensor
 passes: d(dt A) = g_t a_t h_{t-1} (a_t times the kept previous state: nothing is ever divided by
 a decay, so decays that underflow to zero are harmless), dB and dC as sums over the D channels of
-a group, and softplus' derivative as sigmoid(v) = 1 - exp(-softplus(v)) from the kept time steps.
+a group, and softplus' derivative from the kept time steps.
 
 Saved for the backward, in the step layout and the compute dtype: u, the time steps dt (after
 bias and softplus) and the states, three tensors as large as u. The layout changes at the edges
-are 4-d strided copies, which PyTorch runs in parallel (a 2-d transpose takes a slower path).
+are the copies of ``step_layout``.
 """
 
 import math
@@ -32,58 +32,11 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .step_layout import chunking, compute_dtype, from_steps, softplus_grad_, to_steps
+
 Tensor = torch.Tensor
 
 _LOG2E = 1.0 / math.log(2.0)
-
-
-def chunking(length: int) -> Tuple[int, int]:
-    """(T, nc): steps per chunk and chunk count, T * nc >= L.
-
-    Both loops over the steps of a chunk and the one over the chunks cost Python steps, so T and
-    nc are both kept near sqrt(L). A divisor of L in [sqrt(L) / 2, 2 sqrt(L)] is preferred (no
-    padded steps; VMamba's L = H * W always has one when H and W are close); else T = ceil(sqrt L).
-    """
-    root = math.sqrt(length)
-    divisors = [t for t in range(max(1, math.ceil(root / 2)), int(2 * root) + 1) if length % t == 0]
-    chunk = min(divisors, key=lambda t: abs(t - root)) if divisors else math.ceil(root)
-    return chunk, math.ceil(length / chunk)
-
-
-def _compute_dtype(u: Tensor) -> torch.dtype:
-    """float32 for fp32/bf16/fp16 inputs; float64 inputs (gradcheck) stay in float64."""
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
-
-
-def load_steps(x: Tensor, out: Tensor) -> Tensor:
-    """Writes x [*lead, L] into ``out`` [T, *lead, nc] (step t of chunk j is x[..., j*T + t]).
-
-    Steps past L (the padded end of the last chunk) are set to zero. Casts to out's dtype.
-    Returns ``out``.
-    """
-    chunk, n_chunks, length = out.shape[0], out.shape[-1], x.shape[-1]
-    full = length // chunk  # chunks without padding
-    if full:
-        out[..., :full].copy_(x[..., : full * chunk].unflatten(-1, (full, chunk)).movedim(-1, 0))
-    if full < n_chunks:
-        rest = length - full * chunk
-        out[:rest, ..., full].copy_(x[..., full * chunk :].movedim(-1, 0))
-        out[rest:, ..., full].zero_()
-    return out
-
-
-def store_steps(x_l: Tensor, out: Tensor) -> Tensor:
-    """Writes the valid steps of x_l [T, *lead, nc] into ``out`` [*lead, L]; returns ``out``."""
-    chunk, length = x_l.shape[0], out.shape[-1]
-    full = length // chunk
-    if full:
-        out[..., : full * chunk].unflatten(-1, (full, chunk)).copy_(
-            x_l[..., :full].movedim(0, -1)
-        )
-    rest = length - full * chunk
-    if rest:
-        out[..., full * chunk :].copy_(x_l[:rest, ..., full].movedim(0, -1))
-    return out
 
 
 class _Steps:
@@ -99,7 +52,7 @@ class _Steps:
         self.length = length
         self.group_shape = (batch, groups, channels // groups)
         self.chunk, self.n_chunks = chunk, n_chunks = chunking(length)
-        self.dtype = dtype = _compute_dtype(u)
+        self.dtype = dtype = compute_dtype(u)
         self.device = u.device
         self.shape = (chunk, batch, channels, n_chunks)
         self.A = A.to(dtype).view(channels, 1)
@@ -122,10 +75,7 @@ class _Steps:
 
     def load(self, x: Tensor) -> Tensor:
         """A fresh [T, *lead, nc] step-layout copy of x [*lead, L] in the compute dtype."""
-        out = torch.empty(
-            (self.chunk, *x.shape[:-1], self.n_chunks), dtype=self.dtype, device=self.device
-        )
-        return load_steps(x, out)
+        return to_steps(x, self.chunk, self.n_chunks, self.dtype)
 
     def per_group(self, x: Tensor) -> Tensor:
         """[T, b, K*D, nc] -> view [T, b, K, D, nc]."""
@@ -211,7 +161,7 @@ def single_state_forward(
     torch.mul(steps.per_group(h), steps.C_l, out=steps.per_group(y_l))
     if D is not None:
         y_l.addcmul_(steps.u_l, D.to(steps.dtype).view(-1, 1))
-    y = store_steps(y_l, torch.empty(u.shape, dtype=steps.dtype, device=u.device))
+    y = from_steps(y_l, steps.length, steps.dtype)
     return y, [steps.u_l, steps.dt_l, h]
 
 
@@ -275,22 +225,19 @@ def single_state_backward(
     batch, groups, _ = steps.group_shape
     group_l = torch.empty((steps.chunk, batch, groups, steps.n_chunks), dtype=steps.dtype,
                           device=steps.device)
-    dC = store_steps(torch.sum(steps.per_group(torch.mul(dy_l, h, out=scratch)), 3, out=group_l),
-                     torch.empty(C.shape[:2] + C.shape[3:], dtype=C.dtype, device=C.device))
+    dC = from_steps(torch.sum(steps.per_group(torch.mul(dy_l, h, out=scratch)), 3, out=group_l),
+                    steps.length, C.dtype)
     dD = None if D is None else torch.mul(dy_l, u_l, out=scratch).sum((0, 1, 3))
     torch.mul(dt_l, u_l, out=scratch).mul_(g)
-    dB = store_steps(torch.sum(steps.per_group(scratch), 3, out=group_l),
-                     torch.empty(B.shape[:2] + B.shape[3:], dtype=B.dtype, device=B.device))
+    dB = from_steps(torch.sum(steps.per_group(scratch), 3, out=group_l), steps.length, B.dtype)
     ddtu = steps.per_group(g).mul_(steps.B_l).view(steps.shape)  # d loss / d(dt u), in g
     ddt = dlog.mul_(steps.A).addcmul_(ddtu, u_l)
     du_l = ddtu.mul_(dt_l)
     if D is not None:
         du_l.addcmul_(dy_l, D.to(steps.dtype).view(-1, 1))
     if delta_softplus:
-        # softplus'(v) = sigmoid(v) = 1 - exp(-softplus(v)): from dt itself, no second pass over
-        # delta. Above the threshold 20 it rounds to 1, the thresholded derivative.
-        ddt.mul_(torch.neg(dt_l, out=scratch).expm1_()).neg_()
+        softplus_grad_(ddt, dt_l, scratch)
     ddelta_bias = None if delta_bias is None else ddt.sum((0, 1, 3))
-    du = store_steps(du_l, torch.empty(u.shape, dtype=u.dtype, device=u.device))
-    ddelta = store_steps(ddt, torch.empty(delta.shape, dtype=delta.dtype, device=u.device))
+    du = from_steps(du_l, steps.length, u.dtype)
+    ddelta = from_steps(ddt, steps.length, delta.dtype)
     return du, ddelta, dA, dB.unsqueeze(2), dC.unsqueeze(2), dD, ddelta_bias

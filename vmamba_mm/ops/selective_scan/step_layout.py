@@ -1,0 +1,90 @@
+"""Shared pieces of the pure-PyTorch scans: the step layout, its layout changes, softplus' grad.
+
+The time axis [L] is cut into nc chunks of T consecutive steps (the last one zero-padded) and
+laid out time-in-chunk first: x [*lead, L] becomes [T, *lead, nc], where step t of chunk j is
+x[..., j*T + t]. Step t of every chunk is then one contiguous slice, so one Python step of a
+scan advances all chunks at once.
+
+The layout changes are written as copies between 4-d (or higher) strided views: PyTorch runs
+those through its parallel element-wise loops, while a 2-d transposed copy takes a
+single-threaded path that measured about twice as slow.
+"""
+
+import math
+from typing import Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def chunking(length: int) -> Tuple[int, int]:
+    """(T, nc): steps per chunk and chunk count, T * nc >= L.
+
+    The loops over the steps of a chunk and the one over the chunks both cost Python steps, so
+    T and nc are both kept near sqrt(L). A divisor of L in [sqrt(L) / 2, 2 sqrt(L)] is preferred
+    (no padded steps; VMamba's L = H * W always has one when H and W are close); else
+    T = ceil(sqrt(L)).
+    """
+    root = math.sqrt(length)
+    low, high = max(1, math.ceil(root / 2)), int(2 * root)
+    divisors = [t for t in range(low, high + 1) if length % t == 0]
+    chunk = min(divisors, key=lambda t: abs(t - root)) if divisors else math.ceil(root)
+    return chunk, math.ceil(length / chunk)
+
+
+def compute_dtype(u: Tensor) -> torch.dtype:
+    """float32 for fp32/bf16/fp16 inputs; float64 inputs (gradcheck) stay in float64."""
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def load_steps(x: Tensor, out: Tensor) -> Tensor:
+    """Writes x [*lead, L] into ``out`` [T, *lead, nc]; steps past L are set to zero.
+
+    Casts to out's dtype. Returns ``out``.
+    """
+    chunk, n_chunks, length = out.shape[0], out.shape[-1], x.shape[-1]
+    full = length // chunk  # chunks without padding
+    if full:
+        out[..., :full].copy_(x[..., : full * chunk].unflatten(-1, (full, chunk)).movedim(-1, 0))
+    if full < n_chunks:
+        rest = length - full * chunk
+        out[:rest, ..., full].copy_(x[..., full * chunk :].movedim(-1, 0))
+        out[rest:, ..., full].zero_()
+    return out
+
+
+def store_steps(x_l: Tensor, out: Tensor) -> Tensor:
+    """Writes the valid steps of x_l [T, *lead, nc] into ``out`` [*lead, L]; returns ``out``."""
+    chunk, length = x_l.shape[0], out.shape[-1]
+    full = length // chunk
+    if full:
+        out[..., : full * chunk].unflatten(-1, (full, chunk)).copy_(
+            x_l[..., :full].movedim(0, -1)
+        )
+    rest = length - full * chunk
+    if rest:
+        out[..., full * chunk :].copy_(x_l[:rest, ..., full].movedim(0, -1))
+    return out
+
+
+def to_steps(x: Tensor, chunk: int, n_chunks: int, dtype: torch.dtype) -> Tensor:
+    """A fresh [T, *lead, nc] step-layout copy of x [*lead, L] in ``dtype``."""
+    out = torch.empty((chunk, *x.shape[:-1], n_chunks), dtype=dtype, device=x.device)
+    return load_steps(x, out)
+
+
+def from_steps(x_l: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+    """A fresh [*lead, L] copy of the valid steps of x_l [T, *lead, nc] in ``dtype``."""
+    out = torch.empty((*x_l.shape[1:-1], length), dtype=dtype, device=x_l.device)
+    return store_steps(x_l, out)
+
+
+def softplus_grad_(grad: Tensor, dt: Tensor, scratch: Tensor) -> Tensor:
+    """Multiplies ``grad`` in place by softplus'(v) at the v where dt = softplus(v).
+
+    softplus'(v) = sigmoid(v) = 1 - exp(-softplus(v)) = -expm1(-dt): it comes from the time steps
+    themselves, with no second pass over delta. Above the threshold 20 (dt = v) it rounds to 1,
+    the thresholded derivative. ``scratch`` (dt's shape) is overwritten. Returns ``grad``.
+    """
+    return grad.mul_(torch.neg(dt, out=scratch).expm1_()).neg_()
