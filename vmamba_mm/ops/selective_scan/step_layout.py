@@ -1,4 +1,4 @@
-"""Shared pieces of the pure-PyTorch scans: the step layout, its layout changes, softplus' grad.
+"""Shared pieces of the pure-PyTorch scans: the step layout, its layout changes, input gradients.
 
 The time axis [L] is cut into nc chunks of T consecutive steps (the last one zero-padded) and
 laid out time-in-chunk first: x [*lead, L] becomes [T, *lead, nc], where step t of chunk j is
@@ -11,7 +11,7 @@ single-threaded path that measured about twice as slow.
 """
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -68,6 +68,37 @@ def store_steps(x_l: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+def staging(buffer: Tensor) -> Tensor:
+    """A step-layout view [T, *lead, nc] of ``buffer`` whose memory is ordered [*lead, T, nc].
+
+    ``buffer`` is a contiguous [T, *lead, nc] tensor whose values are no longer needed. A result
+    written into this view (a write of contiguous runs of nc values, nearly free when fused
+    into the operation that forms the result) leaves the step layout through ``store_staged``,
+    which then only transposes one small [T, nc] tile per leading index, inside the CPU caches:
+    that measured about 1.7x faster than ``store_steps``, whose long strides defeat the caches.
+    """
+    chunk, *lead, n_chunks = buffer.shape
+    return buffer.view(*lead, chunk, n_chunks).movedim(-2, 0)
+
+
+def store_staged(staged: Tensor, out: Tensor) -> Tensor:
+    """Writes the valid steps of ``staged`` (a ``staging`` view) into ``out`` [*lead, L].
+
+    Returns ``out``.
+    """
+    tiles = staged.movedim(0, -2)  # [*lead, T, nc], contiguous
+    chunk, length = tiles.shape[-2], out.shape[-1]
+    full = length // chunk
+    if full:
+        out[..., : full * chunk].unflatten(-1, (full, chunk)).copy_(
+            tiles[..., :full].transpose(-1, -2)
+        )
+    rest = length - full * chunk
+    if rest:
+        out[..., full * chunk :].copy_(tiles[..., :rest, full])
+    return out
+
+
 def to_steps(x: Tensor, chunk: int, n_chunks: int, dtype: torch.dtype) -> Tensor:
     """A fresh [T, *lead, nc] step-layout copy of x [*lead, L] in ``dtype``."""
     out = torch.empty((chunk, *x.shape[:-1], n_chunks), dtype=dtype, device=x.device)
@@ -80,11 +111,56 @@ def from_steps(x_l: Tensor, length: int, dtype: torch.dtype) -> Tensor:
     return store_steps(x_l, out)
 
 
-def softplus_grad_(grad: Tensor, dt: Tensor, scratch: Tensor) -> Tensor:
-    """Multiplies ``grad`` in place by softplus'(v) at the v where dt = softplus(v).
+def softplus_grad(grad: Tensor, dt: Tensor, scratch: Tensor, out: Tensor) -> Tensor:
+    """out = grad * softplus'(v), at the v where dt = softplus(v); ``out`` may be ``grad``.
 
     softplus'(v) = sigmoid(v) = 1 - exp(-softplus(v)) = -expm1(-dt): it comes from the time steps
     themselves, with no second pass over delta. Above the threshold 20 (dt = v) it rounds to 1,
-    the thresholded derivative. ``scratch`` (dt's shape) is overwritten. Returns ``grad``.
+    the thresholded derivative. ``scratch`` (dt's shape) is overwritten. Returns ``out``.
     """
-    return grad.mul_(torch.neg(dt, out=scratch).expm1_()).neg_()
+    derivative = torch.neg(dt, out=scratch).expm1_().neg_()
+    return torch.mul(grad, derivative, out=out)
+
+
+def input_grads(
+    ddtu: Tensor,
+    ddt: Tensor,
+    u_l: Tensor,
+    dt_l: Tensor,
+    dy_l: Tensor,
+    spare: Tensor,
+    D: Optional[Tensor],
+    delta_softplus: bool,
+    with_bias: bool,
+    length: int,
+    dtypes: Tuple[torch.dtype, torch.dtype],
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The gradients of u, delta, D and delta_bias from those of dt*u and of the decays' dt.
+
+    All tensors are in the step layout [T, b, K*D, nc]: ``ddtu`` = d loss / d(dt u) and ``ddt``
+    = the decays' part of d loss / d(dt). Then du = ddtu dt + D dy, d(dt) = ddt + ddtu u,
+    d(delta) = d(dt) softplus'(v) (or d(dt) without softplus), dD = sum dy u and
+    d(delta_bias) = sum d(delta). ``ddtu``, ``ddt``, ``dy_l`` and ``spare`` (a contiguous tensor
+    of the same shape) are overwritten; du and ddelta are formed staged and leave the step
+    layout as [b, K*D, L] in ``dtypes`` (u's, delta's).
+
+    Returns:
+        (du, ddelta, dD or None, ddelta_bias or None).
+    """
+    ddt.addcmul_(ddtu, u_l)
+    du_l = torch.mul(ddtu, dt_l, out=staging(spare))
+    dD = None
+    if D is not None:
+        du_l.addcmul_(dy_l, D.to(du_l.dtype).view(-1, 1))
+        dD = torch.mul(dy_l, u_l, out=ddtu).sum((0, 1, 3))
+    lead = u_l.shape[1:-1]
+    du = store_staged(du_l, torch.empty((*lead, length), dtype=dtypes[0], device=u_l.device))
+    ddelta_l = staging(dy_l)
+    if delta_softplus:
+        softplus_grad(ddt, dt_l, scratch=ddtu, out=ddelta_l)
+    else:
+        ddelta_l.copy_(ddt)
+    ddelta_bias = ddelta_l.sum((0, 1, 3)) if with_bias else None
+    ddelta = store_staged(ddelta_l, torch.empty((*lead, length), dtype=dtypes[1],
+                                                device=u_l.device))
+    return du, ddelta, dD, ddelta_bias

@@ -17,14 +17,14 @@ channel is one contiguous slice and one Python step advances all chunks at once:
 
 Every loop takes about sqrt(L) Python steps, and every operation inside them works on one
 step's slice [batch, K*D, N, nc], which stays in the CPU caches. This matters for N = 16, where a
-full [batch, K*D, N, L] buffer is 16 times larger than u: the forward materialises one such
-buffer (the decays a_t, computed in one pass), the backward two (the decays and a_t * h_{t-1});
-everything else (the inputs dt*B*u, y, the adjoint and every gradient) is formed and reduced
-step by step. The backward runs level 3 again (which also builds, forwards in time, the
-chunk-local adjoint that each chunk passes back to the previous one), then a reverse chunk-level
-scan, then the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} in reverse time from the true values
-arriving at each chunk's end. Large problems run in blocks of channels that reuse the same
-scratch buffers.
+full [batch, K*D, N, L] buffer is 16 times larger than u: only the backward materialises one such
+buffer (a_t * h_{t-1}); everything else (the decays a_t, the inputs dt*B*u, y, the adjoint and
+every gradient) is formed and reduced step by step. Forming a step's decays where they are used
+measured faster than one whole-tensor pass whose result every loop would read back from memory.
+The backward runs level 3 again (which also builds, forwards in time, the chunk-local adjoint
+that each chunk passes back to the previous one), then a reverse chunk-level scan, then the
+adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} in reverse time from the true values arriving at each
+chunk's end. Large problems run in blocks of channels that reuse the same scratch buffer.
 
 Nothing ever divides by a decay: decays may underflow to zero (very negative A, large delta) and
 the result stays finite; the backward reads h_{t-1} from the recomputed states. The state is
@@ -40,7 +40,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .step_layout import chunking, compute_dtype, from_steps, softplus_grad_, to_steps
+from .step_layout import chunking, compute_dtype, from_steps, input_grads, to_steps
 from .torch_scan_single_state import (
     single_state_backward,
     single_state_forward,
@@ -64,7 +64,7 @@ class _Workspace:
 
     A fresh buffer of tens of MB costs a page fault per 4 KiB page on first touch (large
     allocations come straight from the OS), which for N > 1 is comparable to the arithmetic;
-    the blocks of one call therefore reuse the same few buffers. Nothing outlives the call.
+    the blocks of one backward call therefore reuse the same buffer. Nothing outlives the call.
     """
 
     def __init__(self):
@@ -131,14 +131,14 @@ class _Prepared:
         """
         shape = (self.chunk, *self.state_shape)
         return workspace.buffer(slot, shape, self.dtype, self.u_l.device)
-    def decays(self, out: Tensor) -> Tensor:
-        """a_t = exp(dt_t * A) of every step, written into ``out`` [T, b, K, D, N, nc].
+
+    def decay(self, t: int, out: Tensor) -> Tensor:
+        """a_t = exp(dt_t * A) of step t (of every chunk), written into ``out`` [b, K, D, N, nc].
 
         Evaluated as exp2(dt_t * A log2(e)): exp2 is markedly cheaper than exp on CPUs, and the
         extra rounding of A * log2(e) is far below the scan's tolerances.
         """
-        torch.mul(self.per_channel(self.dt_l), self.A_log2, out=out)
-        return out.exp2_()
+        return torch.mul(self.per_channel(self.dt_l)[t], self.A_log2, out=out).exp2_()
 
     def chunk_decays(self) -> Tensor:
         """Decay over each whole chunk, exp(A * sum_t dt_t), as [nc, b, K, D, N]."""
@@ -146,22 +146,17 @@ class _Prepared:
         return torch.exp2(dt_sum * self.A_log2).movedim(-1, 0).contiguous()
 
 
-def _entering_states(prep: _Prepared, decays: Tensor) -> Tensor:
+def _entering_states(prep: _Prepared) -> Tensor:
     """Levels 1 and 2: the true state entering each chunk.
-
-    Args:
-        prep: the prepared inputs.
-        decays: [T, b, K, D, N, nc], receives a_t of every step (level 3 reads them back).
 
     Returns:
         [b, K, D, N, nc], zero for the first chunk.
     """
     dtu_g, B_g = prep.per_channel(prep.dtu_l), prep.per_group(prep.B_l)
-    h = prep.state()
+    h, a = prep.state(), prep.state()
     torch.mul(dtu_g[0], B_g[0], out=h)
-    prep.decays(decays)
     for t in range(1, prep.chunk):
-        h.mul_(decays[t]).addcmul_(dtu_g[t], B_g[t])
+        h.mul_(prep.decay(t, a)).addcmul_(dtu_g[t], B_g[t])
     ends = h.movedim(-1, 0).contiguous()  # [nc, b, K, D, N] chunk-local end states
     whole = prep.chunk_decays()
     entering = torch.empty_like(ends)
@@ -171,35 +166,33 @@ def _entering_states(prep: _Prepared, decays: Tensor) -> Tensor:
     return entering.movedim(0, -1).contiguous()
 
 
-def _level3_forward(prep: _Prepared, entering: Tensor, decays: Tensor, y_l: Tensor) -> None:
+def _level3_forward(prep: _Prepared, entering: Tensor, y_l: Tensor) -> None:
     """Level 3 of the forward: the true states from the entering ones, and y, step by step.
 
     Args:
         prep: the prepared inputs.
         entering: the true state entering each chunk, [b, K, D, N, nc].
-        decays: a_t of every step, [T, b, K, D, N, nc] (from level 1).
         y_l: receives y_t = sum_n C_t h_t, [T, b, K*D, nc].
     """
     dtu_g, B_g, C_g = prep.per_channel(prep.dtu_l), prep.per_group(prep.B_l), prep.per_group(
         prep.C_l
     )
     batch, _, _, groups, per_group, _ = prep.shape
-    scratch = prep.state()
+    scratch, a = prep.state(), prep.state()
     h = entering.clone()
     for t in range(prep.chunk):
-        h.mul_(decays[t]).addcmul_(dtu_g[t], B_g[t])
+        h.mul_(prep.decay(t, a)).addcmul_(dtu_g[t], B_g[t])
         _contract(h, C_g[t], 3, y_l[t].view(batch, groups, per_group, -1), scratch)
 
 
-def _level3_backward(prep: _Prepared, entering: Tensor, dy_g: Tensor, decays: Tensor,
-                     decayed_prev: Tensor, dC_l: Tensor) -> Tensor:
+def _level3_backward(prep: _Prepared, entering: Tensor, dy_g: Tensor, decayed_prev: Tensor,
+                     dC_l: Tensor) -> Tensor:
     """Level 3 recomputed in the backward, which also gathers what the adjoint scan needs.
 
     Args:
         prep: the prepared inputs.
         entering: the true state entering each chunk, [b, K, D, N, nc].
         dy_g: the output gradient, [T, b, K, D, 1, nc].
-        decays: [T, b, K, D, N, nc], receives a_t of every step.
         decayed_prev: [T, b, K, D, N, nc], receives a_t h_{t-1} of every step (what the
             gradient of the log-decay needs, so that nothing is ever divided by a decay).
         dC_l: receives dC_t = sum_d dy_t h_t, [T, b, K, N, nc].
@@ -214,10 +207,10 @@ def _level3_backward(prep: _Prepared, entering: Tensor, dy_g: Tensor, decays: Te
         prep.C_l
     )
     h, scratch, local, cumulative = prep.state(), prep.state(), prep.state(), prep.state()
+    a_t = prep.state()
     prev = entering
-    prep.decays(decays)
     for t in range(prep.chunk):
-        a_t = decays[t]
+        prep.decay(t, a_t)
         torch.mul(a_t, prev, out=decayed_prev[t])
         torch.addcmul(decayed_prev[t], dtu_g[t], B_g[t], out=h)
         _contract(h, dy_g[t], 2, dC_l[t], scratch)
@@ -240,18 +233,15 @@ def _forward_block(
     D: Optional[Tensor],
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
-    workspace: _Workspace,
 ) -> Tuple[Tensor, List[Tensor]]:
     """Forward of one block of channels (all of them when the problem is small).
 
-    Args and Returns: as ``torch_scan_forward``; ``workspace`` lends the scratch buffers.
+    Args and Returns: as ``torch_scan_forward``.
     """
     prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
-    decays = prep.states(workspace, 0)
-    entering = _entering_states(prep, decays)
+    entering = _entering_states(prep)
     y_l = torch.empty(prep.u_l.shape, dtype=prep.dtype, device=u.device)  # [T, b, K*D, nc]
-    _level3_forward(prep, entering, decays, y_l)
-    del decays
+    _level3_forward(prep, entering, y_l)
     if D is not None:
         y_l.addcmul_(prep.u_l, D.to(prep.dtype)[None, None, :, None])
     y = from_steps(y_l, prep.shape[2], prep.dtype)
@@ -341,15 +331,15 @@ def _backward_block(
     )
     dt_g = prep.per_channel(prep.dt_l)
 
-    # Two full buffers: the decays a_t and the decayed previous states a_t h_{t-1}.
-    decays, decayed_prev = prep.states(workspace, 0), prep.states(workspace, 1)
+    # One full buffer: the decayed previous states a_t h_{t-1}.
+    decayed_prev = prep.states(workspace, 0)
     group_shape = (chunk, *prep.state_shape[:2], d_state, prep.n_chunks)  # [T, b, K, N, nc]
     dC_l = torch.empty(group_shape, dtype=prep.dtype, device=device)
     if saved:
         entering = saved[0].view(prep.state_shape)
     else:
-        entering = _entering_states(prep, decays)
-    starts = _level3_backward(prep, entering, dy_g, decays, decayed_prev, dC_l)
+        entering = _entering_states(prep)
+    starts = _level3_backward(prep, entering, dy_g, decayed_prev, dC_l)
 
     # The adjoint, step by step in reverse, with every gradient reduced on the spot.
     g = _adjoint_leaving(prep, starts)
@@ -357,10 +347,10 @@ def _backward_block(
     ddtu_l = torch.empty_like(dy_l)  # [T, b, K*D, nc]
     ddt_l = torch.empty_like(dy_l)
     dA_acc = torch.zeros(prep.state_shape, dtype=prep.dtype, device=device)
-    scratch, dlog = prep.state(), prep.state()
+    scratch, dlog, a = prep.state(), prep.state(), prep.state()
     for t in range(chunk - 1, -1, -1):
         if t < chunk - 1:
-            g.mul_(decays[t + 1])
+            g.mul_(prep.decay(t + 1, a))
         g.addcmul_(C_g[t], dy_g[t])
         _contract(g, dtu_g[t], 2, dB_l[t], scratch)
         _contract(g, B_g[t], 3, prep.per_channel(ddtu_l)[t].squeeze(3), scratch)
@@ -368,21 +358,15 @@ def _backward_block(
         torch.mul(g, decayed_prev[t], out=dlog)
         dA_acc.addcmul_(dlog, dt_g[t])
         _contract(dlog, prep.A_g, 3, prep.per_channel(ddt_l)[t].squeeze(3), scratch)
-    del decays, decayed_prev
+    del decayed_prev
     dA = dA_acc.sum((0, 4)).flatten(0, 1)  # [K*D, N]
 
-    # Every gradient is formed in the step layout (contiguous passes) and changes layout once.
-    ddt_l.addcmul_(ddtu_l, prep.u_l)
-    du_l = ddtu_l.mul_(prep.dt_l)
-    dD = None
-    if D is not None:
-        du_l.addcmul_(dy_l, D.to(prep.dtype)[None, None, :, None])
-        dD = (dy_l * prep.u_l).sum((0, 1, 3))
-    if delta_softplus:
-        softplus_grad_(ddt_l, prep.dt_l, dy_l)  # dy_l is no longer needed
-    ddelta_bias = ddt_l.sum((0, 1, 3)) if delta_bias is not None else None
-    du = from_steps(du_l, length, prep.dtype)
-    ddelta = from_steps(ddt_l, length, prep.dtype)
+    # Every gradient is formed in the step layout (contiguous passes) and changes layout once;
+    # dt*u is no longer needed, its buffer is the spare one.
+    du, ddelta, dD, ddelta_bias = input_grads(
+        ddtu_l, ddt_l, prep.u_l, prep.dt_l, dy_l, prep.dtu_l, D, delta_softplus,
+        delta_bias is not None, length, (prep.dtype, prep.dtype),
+    )
     dB = from_steps(dB_l, length, prep.dtype)
     dC = from_steps(dC_l, length, prep.dtype)
     return du, ddelta, dA, dB, dC, dD, ddelta_bias
@@ -457,15 +441,12 @@ def torch_scan_forward(
         return single_state_forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
     blocks = _channel_blocks(u, A, B)
     if not blocks:
-        return _forward_block(
-            u, delta, A, B, C, D, delta_bias, delta_softplus, _Workspace()
-        )
+        return _forward_block(u, delta, A, B, C, D, delta_bias, delta_softplus)
     y = torch.empty(u.shape, dtype=compute_dtype(u), device=u.device)
     saved_blocks = []
-    workspace = _Workspace()
     for block in blocks:
         y_block, saved = _forward_block(
-            *_block_args(block, u, delta, A, B, C, D, delta_bias), delta_softplus, workspace
+            *_block_args(block, u, delta, A, B, C, D, delta_bias), delta_softplus
         )
         y[:, block[1] : block[2]] = y_block
         saved_blocks.append(saved)

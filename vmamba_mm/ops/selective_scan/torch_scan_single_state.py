@@ -32,7 +32,15 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .step_layout import chunking, compute_dtype, from_steps, softplus_grad_, to_steps
+from .step_layout import (
+    chunking,
+    compute_dtype,
+    from_steps,
+    input_grads,
+    staging,
+    store_staged,
+    to_steps,
+)
 
 Tensor = torch.Tensor
 
@@ -157,11 +165,12 @@ def single_state_forward(
         [T, batch, K*D, nc] in the step layout and the compute dtype.
     """
     steps = _Steps(u, delta, A, B, C, delta_bias, delta_softplus)
-    h, y_l = _forward_states(steps)  # y_l reuses the decays' buffer
+    h, a = _forward_states(steps)
+    y_l = staging(a)  # the decays are spent: y is formed in their buffer, staged to leave
     torch.mul(steps.per_group(h), steps.C_l, out=steps.per_group(y_l))
     if D is not None:
         y_l.addcmul_(steps.u_l, D.to(steps.dtype).view(-1, 1))
-    y = from_steps(y_l, steps.length, steps.dtype)
+    y = store_staged(y_l, torch.empty(u.shape, dtype=steps.dtype, device=u.device))
     return y, [steps.u_l, steps.dt_l, h]
 
 
@@ -227,17 +236,11 @@ def single_state_backward(
                           device=steps.device)
     dC = from_steps(torch.sum(steps.per_group(torch.mul(dy_l, h, out=scratch)), 3, out=group_l),
                     steps.length, C.dtype)
-    dD = None if D is None else torch.mul(dy_l, u_l, out=scratch).sum((0, 1, 3))
     torch.mul(dt_l, u_l, out=scratch).mul_(g)
     dB = from_steps(torch.sum(steps.per_group(scratch), 3, out=group_l), steps.length, B.dtype)
     ddtu = steps.per_group(g).mul_(steps.B_l).view(steps.shape)  # d loss / d(dt u), in g
-    ddt = dlog.mul_(steps.A).addcmul_(ddtu, u_l)
-    du_l = ddtu.mul_(dt_l)
-    if D is not None:
-        du_l.addcmul_(dy_l, D.to(steps.dtype).view(-1, 1))
-    if delta_softplus:
-        softplus_grad_(ddt, dt_l, scratch)
-    ddelta_bias = None if delta_bias is None else ddt.sum((0, 1, 3))
-    du = from_steps(du_l, steps.length, u.dtype)
-    ddelta = from_steps(ddt, steps.length, delta.dtype)
+    du, ddelta, dD, ddelta_bias = input_grads(
+        ddtu, dlog.mul_(steps.A), u_l, dt_l, dy_l, scratch, D, delta_softplus,
+        delta_bias is not None, steps.length, (u.dtype, delta.dtype),
+    )
     return du, ddelta, dA, dB.unsqueeze(2), dC.unsqueeze(2), dD, ddelta_bias
