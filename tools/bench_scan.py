@@ -17,7 +17,7 @@ fraction of the device's memory bandwidth.
 
 Usage:
     python tools/bench_scan.py            # all shapes
-    python tools/bench_scan.py --quick    # the acceptance shapes only, fewer repeats
+    python tools/bench_scan.py --quick    # the acceptance shapes only
 """
 
 import argparse
@@ -220,12 +220,13 @@ def _loop_affordable(backend: str, shape, mode: str, device: str) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="acceptance shapes, fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="the acceptance shapes only")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated substrings; only shapes whose name contains one")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per backend")
+    parser.add_argument("--repeats", type=int, default=10,
+                        help="timed repeats per backend (the reference loops: one)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -236,7 +237,7 @@ def main() -> None:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    repeats = args.repeats
     shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK]
     if args.shapes:
         wanted = [w.strip() for w in args.shapes.split(",")]
