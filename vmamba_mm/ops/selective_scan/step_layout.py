@@ -132,20 +132,20 @@ def input_grads(
     D: Optional[Tensor],
     delta_softplus: bool,
     with_bias: bool,
-    length: int,
-    dtypes: Tuple[torch.dtype, torch.dtype],
-) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    du: Tensor,
+    ddelta: Tensor,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """The gradients of u, delta, D and delta_bias from those of dt*u and of the decays' dt.
 
-    All tensors are in the step layout [T, b, K*D, nc]: ``ddtu`` = d loss / d(dt u) and ``ddt``
-    = the decays' part of d loss / d(dt). Then du = ddtu dt + D dy, d(dt) = ddt + ddtu u,
+    All step-layout tensors are [T, b, K*D, nc]: ``ddtu`` = d loss / d(dt u) and ``ddt`` = the
+    decays' part of d loss / d(dt). Then du = ddtu dt + D dy, d(dt) = ddt + ddtu u,
     d(delta) = d(dt) softplus'(v) (or d(dt) without softplus), dD = sum dy u and
     d(delta_bias) = sum d(delta). ``ddtu``, ``ddt``, ``dy_l`` and ``spare`` (a contiguous tensor
-    of the same shape) are overwritten; du and ddelta are formed staged and leave the step
-    layout as [b, K*D, L] in ``dtypes`` (u's, delta's).
+    of the same shape) are overwritten. du and d(delta) are formed staged and written into
+    ``du`` and ``ddelta`` ([b, K*D, L], any float dtype).
 
     Returns:
-        (du, ddelta, dD or None, ddelta_bias or None).
+        (dD or None, ddelta_bias or None), in the compute dtype.
     """
     ddt.addcmul_(ddtu, u_l)
     du_l = torch.mul(ddtu, dt_l, out=staging(spare))
@@ -153,14 +153,11 @@ def input_grads(
     if D is not None:
         du_l.addcmul_(dy_l, D.to(du_l.dtype).view(-1, 1))
         dD = torch.mul(dy_l, u_l, out=ddtu).sum((0, 1, 3))
-    lead = u_l.shape[1:-1]
-    du = store_staged(du_l, torch.empty((*lead, length), dtype=dtypes[0], device=u_l.device))
+    store_staged(du_l, du)
     ddelta_l = staging(dy_l)
     if delta_softplus:
         softplus_grad(ddt, dt_l, scratch=ddtu, out=ddelta_l)
     else:
         ddelta_l.copy_(ddt)
-    ddelta_bias = ddelta_l.sum((0, 1, 3)) if with_bias else None
-    ddelta = store_staged(ddelta_l, torch.empty((*lead, length), dtype=dtypes[1],
-                                                device=u_l.device))
-    return du, ddelta, dD, ddelta_bias
+    store_staged(ddelta_l, ddelta)
+    return dD, ddelta_l.sum((0, 1, 3)) if with_bias else None

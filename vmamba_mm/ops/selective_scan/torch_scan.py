@@ -38,9 +38,16 @@ import math
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from .step_layout import chunking, compute_dtype, from_steps, input_grads, to_steps
+from .scratch import Scratch
+from .step_layout import (
+    chunking,
+    compute_dtype,
+    from_steps,
+    input_grads,
+    load_steps,
+    store_steps,
+)
 from .torch_scan_single_state import (
     single_state_backward,
     single_state_forward,
@@ -59,26 +66,6 @@ def _contract(x: Tensor, y: Tensor, dim: int, out: Tensor, scratch: Tensor) -> N
         torch.sum(scratch, dim, out=out)
 
 
-class _Workspace:
-    """Scratch buffers shared by the channel blocks of one call.
-
-    A fresh buffer of tens of MB costs a page fault per 4 KiB page on first touch (large
-    allocations come straight from the OS), which for N > 1 is comparable to the arithmetic;
-    the blocks of one backward call therefore reuse the same buffer. Nothing outlives the call.
-    """
-
-    def __init__(self):
-        self._buffers = {}
-
-    def buffer(self, slot: int, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-        numel = math.prod(shape)
-        flat = self._buffers.get(slot)
-        if flat is None or flat.numel() < numel or flat.dtype != dtype or flat.device != device:
-            flat = torch.empty(numel, dtype=dtype, device=device)
-            self._buffers[slot] = flat
-        return flat[:numel].view(shape)
-
-
 class _Prepared:
     """Inputs in the compute dtype and the step layout, shared by the forward and the backward.
 
@@ -88,7 +75,7 @@ class _Prepared:
     slice is [b, K, D, N, nc].
     """
 
-    def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus):
+    def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus, scratch: Scratch):
         batch, channels, length = u.shape
         groups, d_state = B.shape[1], A.shape[1]
         per_group = channels // groups
@@ -98,18 +85,23 @@ class _Prepared:
         self.state_shape = (batch, groups, per_group, d_state, n_chunks)
         self.A_g = A.to(dtype).view(1, groups, per_group, d_state, 1)
         self.A_log2 = self.A_g * (1.0 / math.log(2.0))  # exp(x) = exp2(x / log(2))
-        self.u_l = to_steps(u, chunk, n_chunks, dtype)  # [T, b, K*D, nc]
-        dt_l = to_steps(delta, chunk, n_chunks, dtype)
+        self.scratch = scratch  # every step-layout tensor here is scratch memory
+
+        def steps(x: Tensor) -> Tensor:  # [b, X.., L] -> [T, b, X.., nc]
+            return load_steps(x, scratch.take((chunk, *x.shape[:-1], n_chunks), dtype))
+
+        self.u_l = steps(u)  # [T, b, K*D, nc]
+        dt_l = steps(delta)
         if delta_bias is not None:
             dt_l.add_(delta_bias.to(dtype)[None, None, :, None])
         if delta_softplus:
-            dt_l = F.softplus(dt_l)  # threshold 20, as the kernels
+            torch.ops.aten.softplus.out(dt_l, 1, 20, out=dt_l)  # in place; threshold 20
         # Padded steps must be exact no-ops: dt = 0 gives a = 1 and x = 0.
         dt_l[length - (n_chunks - 1) * chunk :, :, :, -1] = 0
         self.dt_l = dt_l
-        self.dtu_l = dt_l * self.u_l
-        self.B_l = to_steps(B, chunk, n_chunks, dtype)  # [T, b, K, N, nc]
-        self.C_l = to_steps(C, chunk, n_chunks, dtype)
+        self.dtu_l = torch.mul(dt_l, self.u_l, out=scratch.take(dt_l.shape, dtype))
+        self.B_l = steps(B)  # [T, b, K, N, nc]
+        self.C_l = steps(C)
 
     def per_channel(self, x: Tensor) -> Tensor:
         """[T, b, K*D, nc] -> view [T, b, K, D, 1, nc]."""
@@ -124,13 +116,13 @@ class _Prepared:
         """An uninitialised state slice [b, K, D, N, nc]."""
         return torch.empty(self.state_shape, dtype=self.dtype, device=self.u_l.device)
 
-    def states(self, workspace: _Workspace, slot: int) -> Tensor:
-        """An uninitialised buffer of every step's state slice, [T, b, K, D, N, nc].
+    def states(self) -> Tensor:
+        """An uninitialised scratch buffer of every step's state slice, [T, b, K, D, N, nc]."""
+        return self.scratch.take((self.chunk, *self.state_shape), self.dtype)
 
-        Taken from ``workspace``, whose buffers the next channel block reuses.
-        """
-        shape = (self.chunk, *self.state_shape)
-        return workspace.buffer(slot, shape, self.dtype, self.u_l.device)
+    def per_channel_buffer(self) -> Tensor:
+        """An uninitialised scratch tensor [T, b, K*D, nc]."""
+        return self.scratch.take(self.u_l.shape, self.dtype)
 
     def decay(self, t: int, out: Tensor) -> Tensor:
         """a_t = exp(dt_t * A) of step t (of every chunk), written into ``out`` [b, K, D, N, nc].
@@ -233,19 +225,23 @@ def _forward_block(
     D: Optional[Tensor],
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
-) -> Tuple[Tensor, List[Tensor]]:
+    y: Tensor,
+    saved: Tensor,
+) -> None:
     """Forward of one block of channels (all of them when the problem is small).
 
-    Args and Returns: as ``torch_scan_forward``.
+    Args: as ``torch_scan_forward``, plus where the block's results go: ``y`` [b, K*D, L] and
+    ``saved``, the states entering each chunk, [b, K*D, N, nc].
     """
-    prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
-    entering = _entering_states(prep)
-    y_l = torch.empty(prep.u_l.shape, dtype=prep.dtype, device=u.device)  # [T, b, K*D, nc]
-    _level3_forward(prep, entering, y_l)
-    if D is not None:
-        y_l.addcmul_(prep.u_l, D.to(prep.dtype)[None, None, :, None])
-    y = from_steps(y_l, prep.shape[2], prep.dtype)
-    return y, [entering.flatten(1, 2)]  # [b, K*D, N, nc]
+    with Scratch(u.device) as scratch:
+        prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus, scratch)
+        entering = _entering_states(prep)
+        y_l = prep.per_channel_buffer()  # [T, b, K*D, nc]
+        _level3_forward(prep, entering, y_l)
+        if D is not None:
+            y_l.addcmul_(prep.u_l, D.to(prep.dtype)[None, None, :, None])
+        store_steps(y_l, y)
+        saved.copy_(entering.flatten(1, 2))
 
 
 def torch_scan_forward_fake(
@@ -305,71 +301,69 @@ def _backward_block(
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
     *saved: Tensor,
-    workspace: _Workspace,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Backward of one block of channels; grads in the compute dtype (fp32, or fp64).
+    du: Tensor,
+    ddelta: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Backward of one block of channels (all of them when the problem is small).
 
     Args:
         dy: gradient of y, [batch, K*D, L] (any float dtype).
         u, delta, A, B, C, D, delta_bias, delta_softplus: the forward's inputs.
         *saved: what ``torch_scan_forward`` returned as saved; may be empty, in which case
             everything is recomputed. Never modified.
-        workspace: lends the scratch buffers.
+        du, ddelta: receive those gradients, [batch, K*D, L] (any float dtype).
 
     Returns:
-        (du, ddelta, dA, dB, dC, dD, ddelta_bias) in the compute dtype: [batch, K*D, L] twice,
-        [K*D, N], [batch, K, N, L] twice, then [K*D] (or None when the input was None) twice.
+        (dA, dB, dC, dD, ddelta_bias) in the compute dtype: [K*D, N], [batch, K, N, L] twice,
+        then [K*D] (or None when the input was None) twice.
     """
-    d_state = A.shape[1]
-    prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
-    length, chunk = prep.shape[2], prep.chunk
-    device = u.device
-    dy_l = to_steps(dy, chunk, prep.n_chunks, prep.dtype)  # [T, b, K*D, nc]
-    dy_g = prep.per_channel(dy_l)
-    dtu_g, B_g, C_g = prep.per_channel(prep.dtu_l), prep.per_group(prep.B_l), prep.per_group(
-        prep.C_l
-    )
-    dt_g = prep.per_channel(prep.dt_l)
+    with Scratch(u.device) as scratch:
+        prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus, scratch)
+        length, chunk, d_state = prep.shape[2], prep.chunk, prep.shape[5]
+        dy_l = load_steps(dy, prep.per_channel_buffer())  # [T, b, K*D, nc]
+        dy_g = prep.per_channel(dy_l)
+        dtu_g, B_g, C_g = prep.per_channel(prep.dtu_l), prep.per_group(prep.B_l), prep.per_group(
+            prep.C_l
+        )
+        dt_g = prep.per_channel(prep.dt_l)
 
-    # One full buffer: the decayed previous states a_t h_{t-1}.
-    decayed_prev = prep.states(workspace, 0)
-    group_shape = (chunk, *prep.state_shape[:2], d_state, prep.n_chunks)  # [T, b, K, N, nc]
-    dC_l = torch.empty(group_shape, dtype=prep.dtype, device=device)
-    if saved:
-        entering = saved[0].view(prep.state_shape)
-    else:
-        entering = _entering_states(prep)
-    starts = _level3_backward(prep, entering, dy_g, decayed_prev, dC_l)
+        # One full buffer: the decayed previous states a_t h_{t-1}.
+        decayed_prev = prep.states()
+        group_shape = (chunk, *prep.state_shape[:2], d_state, prep.n_chunks)  # [T, b, K, N, nc]
+        dC_l = scratch.take(group_shape, prep.dtype)
+        if saved:
+            entering = saved[0].view(prep.state_shape)
+        else:
+            entering = _entering_states(prep)
+        starts = _level3_backward(prep, entering, dy_g, decayed_prev, dC_l)
 
-    # The adjoint, step by step in reverse, with every gradient reduced on the spot.
-    g = _adjoint_leaving(prep, starts)
-    dB_l = torch.empty_like(dC_l)
-    ddtu_l = torch.empty_like(dy_l)  # [T, b, K*D, nc]
-    ddt_l = torch.empty_like(dy_l)
-    dA_acc = torch.zeros(prep.state_shape, dtype=prep.dtype, device=device)
-    scratch, dlog, a = prep.state(), prep.state(), prep.state()
-    for t in range(chunk - 1, -1, -1):
-        if t < chunk - 1:
-            g.mul_(prep.decay(t + 1, a))
-        g.addcmul_(C_g[t], dy_g[t])
-        _contract(g, dtu_g[t], 2, dB_l[t], scratch)
-        _contract(g, B_g[t], 3, prep.per_channel(ddtu_l)[t].squeeze(3), scratch)
-        # d/d(dt*A) of the loss: g_t * a_t * h_{t-1}.
-        torch.mul(g, decayed_prev[t], out=dlog)
-        dA_acc.addcmul_(dlog, dt_g[t])
-        _contract(dlog, prep.A_g, 3, prep.per_channel(ddt_l)[t].squeeze(3), scratch)
-    del decayed_prev
-    dA = dA_acc.sum((0, 4)).flatten(0, 1)  # [K*D, N]
+        # The adjoint, step by step in reverse, with every gradient reduced on the spot.
+        g = _adjoint_leaving(prep, starts)
+        dB_l = scratch.take(group_shape, prep.dtype)
+        ddtu_l, ddt_l = prep.per_channel_buffer(), prep.per_channel_buffer()
+        dA_acc = torch.zeros(prep.state_shape, dtype=prep.dtype, device=u.device)
+        product, dlog, a = prep.state(), prep.state(), prep.state()
+        for t in range(chunk - 1, -1, -1):
+            if t < chunk - 1:
+                g.mul_(prep.decay(t + 1, a))
+            g.addcmul_(C_g[t], dy_g[t])
+            _contract(g, dtu_g[t], 2, dB_l[t], product)
+            _contract(g, B_g[t], 3, prep.per_channel(ddtu_l)[t].squeeze(3), product)
+            # d/d(dt*A) of the loss: g_t * a_t * h_{t-1}.
+            torch.mul(g, decayed_prev[t], out=dlog)
+            dA_acc.addcmul_(dlog, dt_g[t])
+            _contract(dlog, prep.A_g, 3, prep.per_channel(ddt_l)[t].squeeze(3), product)
+        dA = dA_acc.sum((0, 4)).flatten(0, 1)  # [K*D, N]
 
-    # Every gradient is formed in the step layout (contiguous passes) and changes layout once;
-    # dt*u is no longer needed, its buffer is the spare one.
-    du, ddelta, dD, ddelta_bias = input_grads(
-        ddtu_l, ddt_l, prep.u_l, prep.dt_l, dy_l, prep.dtu_l, D, delta_softplus,
-        delta_bias is not None, length, (prep.dtype, prep.dtype),
-    )
-    dB = from_steps(dB_l, length, prep.dtype)
-    dC = from_steps(dC_l, length, prep.dtype)
-    return du, ddelta, dA, dB, dC, dD, ddelta_bias
+        # Every gradient is formed in the step layout (contiguous passes) and changes layout
+        # once; dt*u is no longer needed, its buffer is the spare one.
+        dD, ddelta_bias = input_grads(
+            ddtu_l, ddt_l, prep.u_l, prep.dt_l, dy_l, prep.dtu_l, D, delta_softplus,
+            delta_bias is not None, du, ddelta,
+        )
+        dB = from_steps(dB_l, length, prep.dtype)
+        dC = from_steps(dC_l, length, prep.dtype)
+    return dA, dB, dC, dD, ddelta_bias
 
 
 # States of one [batch, channels, N, L] buffer per channel block. The loops' per-step slices stay
@@ -439,18 +433,18 @@ def torch_scan_forward(
     """
     if A.shape[1] == 1:
         return single_state_forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    dtype = compute_dtype(u)
+    y = torch.empty(u.shape, dtype=dtype, device=u.device)
+    n_chunks = chunking(u.shape[2])[1]
+    saved = torch.empty((*u.shape[:2], A.shape[1], n_chunks), dtype=dtype, device=u.device)
     blocks = _channel_blocks(u, A, B)
     if not blocks:
-        return _forward_block(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    y = torch.empty(u.shape, dtype=compute_dtype(u), device=u.device)
-    saved_blocks = []
+        _forward_block(u, delta, A, B, C, D, delta_bias, delta_softplus, y, saved)
     for block in blocks:
-        y_block, saved = _forward_block(
-            *_block_args(block, u, delta, A, B, C, D, delta_bias), delta_softplus
-        )
-        y[:, block[1] : block[2]] = y_block
-        saved_blocks.append(saved)
-    return y, [torch.cat(parts, dim=1) for parts in zip(*saved_blocks)]
+        part = slice(block[1], block[2])
+        _forward_block(*_block_args(block, u, delta, A, B, C, D, delta_bias), delta_softplus,
+                       y[:, part], saved[:, part])
+    return y, [saved]
 
 
 def torch_scan_backward(
@@ -480,37 +474,33 @@ def torch_scan_backward(
     """
     if A.shape[1] == 1:
         return single_state_backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus, *saved)
+    du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=u.device)
     blocks = _channel_blocks(u, A, B)
     if not blocks:
-        grads = list(_backward_block(
-            dy, u, delta, A, B, C, D, delta_bias, delta_softplus, *saved, workspace=_Workspace()
-        ))
+        dA, dB, dC, dD, ddelta_bias = _backward_block(
+            dy, u, delta, A, B, C, D, delta_bias, delta_softplus, *saved, du=du, ddelta=ddelta
+        )
     else:
         dtype = compute_dtype(u)
-        grads = [
-            torch.empty(u.shape, dtype=dtype, device=u.device),
-            torch.empty(u.shape, dtype=dtype, device=u.device),
-            torch.empty(A.shape, dtype=dtype, device=u.device),
-            torch.zeros(B.shape, dtype=dtype, device=u.device),
-            torch.zeros(C.shape, dtype=dtype, device=u.device),
-            None if D is None else torch.empty(D.shape, dtype=dtype, device=u.device),
-            None if delta_bias is None else torch.empty(u.shape[1], dtype=dtype, device=u.device),
-        ]
-        workspace = _Workspace()
+        dA = torch.empty(A.shape, dtype=dtype, device=u.device)
+        dB = torch.zeros(B.shape, dtype=dtype, device=u.device)
+        dC = torch.zeros(C.shape, dtype=dtype, device=u.device)
+        dD = None if D is None else torch.empty(D.shape, dtype=dtype, device=u.device)
+        ddelta_bias = None if delta_bias is None else torch.empty(
+            u.shape[1], dtype=dtype, device=u.device
+        )
         for block in blocks:
             k, part = block[0], slice(block[1], block[2])
-            du, ddelta, dA, dB, dC, dD, ddelta_bias = _backward_block(
+            dA[part], dB_part, dC_part, dD_part, ddelta_bias_part = _backward_block(
                 dy[:, part], *_block_args(block, u, delta, A, B, C, D, delta_bias),
-                delta_softplus, *(t.narrow(1, block[1], block[2] - block[1]) for t in saved),
-                workspace=workspace,
+                delta_softplus, *(t[:, part] for t in saved), du=du[:, part],
+                ddelta=ddelta[:, part],
             )
-            grads[0][:, part], grads[1][:, part], grads[2][part] = du, ddelta, dA
-            grads[3][:, k : k + 1] += dB  # B and C are shared by the channels of a group
-            grads[4][:, k : k + 1] += dC
+            dB[:, k : k + 1] += dB_part  # B and C are shared by the channels of a group
+            dC[:, k : k + 1] += dC_part
             if dD is not None:
-                grads[5][part] = dD
+                dD[part] = dD_part
             if ddelta_bias is not None:
-                grads[6][part] = ddelta_bias
-    grads[0], grads[1] = grads[0].to(u.dtype), grads[1].to(delta.dtype)
-    grads[3], grads[4] = grads[3].to(B.dtype), grads[4].to(C.dtype)
-    return tuple(grads)
+                ddelta_bias[part] = ddelta_bias_part
+    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, ddelta_bias

@@ -32,11 +32,13 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .scratch import Scratch
 from .step_layout import (
     chunking,
     compute_dtype,
     from_steps,
     input_grads,
+    load_steps,
     staging,
     store_staged,
     to_steps,
@@ -54,7 +56,7 @@ class _Steps:
     B and C are [T, b, K, 1, nc], broadcast over the D channels of their group.
     """
 
-    def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus, saved=()):
+    def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus, scratch, saved=()):
         batch, channels, length = u.shape
         groups = B.shape[1]
         self.length = length
@@ -71,7 +73,10 @@ class _Steps:
             self.u_l, self.dt_l, self.h_l = saved
             return
         self.u_l = self.load(u)
-        dt_l = self.load(delta)
+        # Before softplus, dt is only an intermediate: scratch memory will do.
+        dt_l = load_steps(delta, scratch.take(self.shape, dtype)) if delta_softplus else self.load(
+            delta
+        )
         if delta_bias is not None:
             dt_l.add_(delta_bias.to(dtype).view(channels, 1))
         if delta_softplus:
@@ -139,11 +144,14 @@ def _states(steps: _Steps, a: Tensor, x: Tensor) -> None:
         x[t].addcmul_(a[t], x[t - 1])
 
 
-def _forward_states(steps: _Steps) -> Tuple[Tensor, Tensor]:
-    """Runs the recurrence; returns (states, decays), both [T, b, K*D, nc]."""
+def _forward_states(steps: _Steps, scratch: Scratch) -> Tuple[Tensor, Tensor]:
+    """Runs the recurrence; returns (states, decays), both [T, b, K*D, nc].
+
+    The decays are in ``scratch`` memory.
+    """
     x = torch.mul(steps.dt_l, steps.u_l)
     steps.per_group(x).mul_(steps.B_l)
-    a = steps.decays(torch.empty_like(x))
+    a = steps.decays(scratch.take(x.shape, x.dtype))
     _states(steps, a, x)
     return x, a
 
@@ -164,13 +172,14 @@ def single_state_forward(
         (y, saved): y [batch, K*D, L] in the compute dtype; saved = [u, dt, h], each
         [T, batch, K*D, nc] in the step layout and the compute dtype.
     """
-    steps = _Steps(u, delta, A, B, C, delta_bias, delta_softplus)
-    h, a = _forward_states(steps)
-    y_l = staging(a)  # the decays are spent: y is formed in their buffer, staged to leave
-    torch.mul(steps.per_group(h), steps.C_l, out=steps.per_group(y_l))
-    if D is not None:
-        y_l.addcmul_(steps.u_l, D.to(steps.dtype).view(-1, 1))
-    y = store_staged(y_l, torch.empty(u.shape, dtype=steps.dtype, device=u.device))
+    with Scratch(u.device) as scratch:
+        steps = _Steps(u, delta, A, B, C, delta_bias, delta_softplus, scratch)
+        h, a = _forward_states(steps, scratch)
+        y_l = staging(a)  # the decays are spent: y is formed in their buffer, staged to leave
+        torch.mul(steps.per_group(h), steps.C_l, out=steps.per_group(y_l))
+        if D is not None:
+            y_l.addcmul_(steps.u_l, D.to(steps.dtype).view(-1, 1))
+        y = store_staged(y_l, torch.empty(u.shape, dtype=steps.dtype, device=u.device))
     return y, [steps.u_l, steps.dt_l, h]
 
 
@@ -214,33 +223,37 @@ def single_state_backward(
     never modified. du/ddelta/dB/dC come in the inputs' dtypes, dA/dD/ddelta_bias in the compute
     dtype.
     """
-    steps = _Steps(u, delta, A, B, C, delta_bias, delta_softplus, saved)
-    if steps.h_l is None:
-        steps.h_l, a = _forward_states(steps)
-    else:
-        a = steps.decays(torch.empty(steps.shape, dtype=steps.dtype, device=steps.device))
-    u_l, dt_l, h = steps.u_l, steps.dt_l, steps.h_l
-    dy_l = steps.load(dy)
-    g = torch.mul(steps.per_group(dy_l), steps.C_l).view(steps.shape)
-    _adjoint(steps, a, g)
+    with Scratch(u.device) as scratch:
+        steps = _Steps(u, delta, A, B, C, delta_bias, delta_softplus, scratch, saved)
+        if steps.h_l is None:
+            steps.h_l, a = _forward_states(steps, scratch)
+        else:
+            a = steps.decays(scratch.take(steps.shape, steps.dtype))
+        u_l, dt_l, h = steps.u_l, steps.dt_l, steps.h_l
+        dy_l = load_steps(dy, scratch.take(steps.shape, steps.dtype))
+        g = scratch.take(steps.shape, steps.dtype)
+        torch.mul(steps.per_group(dy_l), steps.C_l, out=steps.per_group(g))
+        _adjoint(steps, a, g)
 
-    # a_t h_{t-1}: the previous state of a chunk's first step is the last of the chunk before.
-    a[1:].mul_(h[:-1])
-    a[0, ..., 1:].mul_(h[-1, ..., :-1])
-    a[0, ..., 0].zero_()
-    dlog = a.mul_(g)  # d loss / d(dt_t A)
-    scratch = torch.mul(dlog, dt_l)
-    dA = scratch.sum((0, 1, 3)).unsqueeze(1)
-    batch, groups, _ = steps.group_shape
-    group_l = torch.empty((steps.chunk, batch, groups, steps.n_chunks), dtype=steps.dtype,
-                          device=steps.device)
-    dC = from_steps(torch.sum(steps.per_group(torch.mul(dy_l, h, out=scratch)), 3, out=group_l),
-                    steps.length, C.dtype)
-    torch.mul(dt_l, u_l, out=scratch).mul_(g)
-    dB = from_steps(torch.sum(steps.per_group(scratch), 3, out=group_l), steps.length, B.dtype)
-    ddtu = steps.per_group(g).mul_(steps.B_l).view(steps.shape)  # d loss / d(dt u), in g
-    du, ddelta, dD, ddelta_bias = input_grads(
-        ddtu, dlog.mul_(steps.A), u_l, dt_l, dy_l, scratch, D, delta_softplus,
-        delta_bias is not None, steps.length, (u.dtype, delta.dtype),
-    )
+        # a_t h_{t-1}: the previous state of a chunk's first step is the last of the chunk before.
+        a[1:].mul_(h[:-1])
+        a[0, ..., 1:].mul_(h[-1, ..., :-1])
+        a[0, ..., 0].zero_()
+        dlog = a.mul_(g)  # d loss / d(dt_t A)
+        spare = torch.mul(dlog, dt_l, out=scratch.take(steps.shape, steps.dtype))
+        dA = spare.sum((0, 1, 3)).unsqueeze(1)
+        batch, groups, _ = steps.group_shape
+        group_l = torch.empty((steps.chunk, batch, groups, steps.n_chunks), dtype=steps.dtype,
+                              device=steps.device)
+        dC = from_steps(torch.sum(steps.per_group(torch.mul(dy_l, h, out=spare)), 3, out=group_l),
+                        steps.length, C.dtype)
+        torch.mul(dt_l, u_l, out=spare).mul_(g)
+        dB = from_steps(torch.sum(steps.per_group(spare), 3, out=group_l), steps.length, B.dtype)
+        ddtu = steps.per_group(g).mul_(steps.B_l).view(steps.shape)  # d loss / d(dt u), in g
+        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+        ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=u.device)
+        dD, ddelta_bias = input_grads(
+            ddtu, dlog.mul_(steps.A), u_l, dt_l, dy_l, spare, D, delta_softplus,
+            delta_bias is not None, du, ddelta,
+        )
     return du, ddelta, dA, dB.unsqueeze(2), dC.unsqueeze(2), dD, ddelta_bias
