@@ -186,7 +186,7 @@ def test_torch_backend_forward_and_fake_agree_on_shapes_and_dtypes(length, d_sta
     assert y.shape == y_fake.shape == (2, 12, length)
     assert y.dtype == y_fake.dtype == torch.float32
     assert [(t.shape, t.dtype) for t in saved] == [(t.shape, t.dtype) for t in saved_fake]
-    assert len(saved) == (3 if d_state == 1 else 1)
+    assert len(saved) == (2 if d_state == 1 else 1)
 
 
 def test_torch_backend_backward_with_and_without_saved_tensors_agree():
@@ -284,8 +284,8 @@ def test_torch_backend_saves_the_entering_states_for_more_than_one_state():
 
 
 @pytest.mark.parametrize("length", [90, 97])
-def test_torch_backend_saves_u_dt_and_every_state_for_one_state(length):
-    """N = 1 saves u, dt and the states in the step layout [T, batch, K*D, nc], zero-padded."""
+def test_torch_backend_saves_dt_and_every_state_for_one_state(length):
+    """N = 1 saves dt and the states in the step layout [T, batch, K*D, nc], zero-padded."""
     from vmamba_mm.ops.selective_scan import step_layout
 
     inputs, softplus = make_inputs(2, 4, 3, length, 1, with_D=True, with_bias=True,
@@ -293,19 +293,17 @@ def test_torch_backend_saves_u_dt_and_every_state_for_one_state(length):
     _, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
     chunk, n_chunks = chunking(length)
     assert n_chunks > 1 and chunk * n_chunks >= length
-    assert [tuple(t.shape) for t in saved] == [(chunk, 2, 12, n_chunks)] * 3
+    assert [tuple(t.shape) for t in saved] == [(chunk, 2, 12, n_chunks)] * 2
     states, dt = _naive_states(inputs, length, 1)
 
     def natural(x_l):  # [T, b, K*D, nc] -> [b, K*D, L]
         return step_layout.from_steps(x_l, length, x_l.dtype)
 
-    u_l, dt_l, h_l = saved
-    assert torch.equal(natural(u_l), inputs["u"])
+    dt_l, h_l = saved
     torch.testing.assert_close(natural(dt_l), dt)
     torch.testing.assert_close(natural(h_l), states[:, :, 0], rtol=1e-4, atol=1e-5)
     padded = chunk * n_chunks - length  # the padded steps are exact no-ops
-    for x_l in saved[:2]:
-        assert bool((x_l[chunk - padded :, ..., -1] == 0).all())
+    assert bool((dt_l[chunk - padded :, ..., -1] == 0).all())
 
 
 @pytest.mark.parametrize("length", [1, 5, 49, 63, 257, 3136])

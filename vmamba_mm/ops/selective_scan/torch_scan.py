@@ -24,7 +24,8 @@ measured faster than one whole-tensor pass whose result every loop would read ba
 The backward runs level 3 again (which also builds, forwards in time, the chunk-local adjoint
 that each chunk passes back to the previous one), then a reverse chunk-level scan, then the
 adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} in reverse time from the true values arriving at each
-chunk's end. Large problems run in blocks of channels that reuse the same scratch buffer.
+chunk's end. Large problems run in blocks of channels, one after the other, each taking its
+scratch memory (``scratch.Scratch``) from what the block before it returned.
 
 Nothing ever divides by a decay: decays may underflow to zero (very negative A, large delta) and
 the result stays finite; the backward reads h_{t-1} from the recomputed states. The state is
@@ -367,9 +368,9 @@ def _backward_block(
 
 
 # States of one [batch, channels, N, L] buffer per channel block. The loops' per-step slices stay
-# small whatever the block; blocks bound the full-size scratch buffers (memory: 128 MB each in
-# fp32), which the blocks of one call reuse. 2^25 (one block per group at the vanilla VMamba-T
-# stage-1 shape) measured faster than 2^21 to 2^23.
+# small whatever the block; blocks bound the full-size scratch buffer (128 MB in fp32), which the
+# blocks of one call reuse. 2^25 (one block per group at the vanilla VMamba-T stage-1 shape)
+# measured faster than 2^21 to 2^23 and than 2^26 (a single block there).
 _BLOCK_ELEMENTS = 1 << 25
 
 

@@ -21,8 +21,8 @@ passes: d(dt A) = g_t a_t h_{t-1} (a_t times the kept previous state: nothing is
 a decay, so decays that underflow to zero are harmless), dB and dC as sums over the D channels of
 a group, and softplus' derivative from the kept time steps.
 
-Saved for the backward, in the step layout and the compute dtype: u, the time steps dt (after
-bias and softplus) and the states, three tensors as large as u. The layout changes at the edges
+Saved for the backward, in the step layout and the compute dtype: the time steps dt (after bias
+and softplus) and the states, two tensors as large as u. The layout changes at the edges
 are the copies of ``step_layout``.
 """
 
@@ -69,10 +69,12 @@ class _Steps:
         self.A_log2 = self.A * _LOG2E  # exp(x) = exp2(x log2(e)), exp2 is cheaper on CPUs
         self.B_l = self.load(B.view(batch, groups, length)).unsqueeze(3)
         self.C_l = self.load(C.view(batch, groups, length)).unsqueeze(3)
+        # u in the step layout is not kept for the backward, which copies it again: a copy
+        # into reused scratch memory costs less than the page faults of a fresh tensor.
+        self.u_l = load_steps(u, scratch.take(self.shape, dtype))
         if saved:
-            self.u_l, self.dt_l, self.h_l = saved
+            self.dt_l, self.h_l = saved
             return
-        self.u_l = self.load(u)
         # Before softplus, dt is only an intermediate: scratch memory will do.
         dt_l = load_steps(delta, scratch.take(self.shape, dtype)) if delta_softplus else self.load(
             delta
@@ -169,7 +171,7 @@ def single_state_forward(
     """Selective scan forward for N = 1 (no autograd); arguments as ``torch_scan_forward``.
 
     Returns:
-        (y, saved): y [batch, K*D, L] in the compute dtype; saved = [u, dt, h], each
+        (y, saved): y [batch, K*D, L] in the compute dtype; saved = [dt, h], each
         [T, batch, K*D, nc] in the step layout and the compute dtype.
     """
     with Scratch(u.device) as scratch:
@@ -180,14 +182,14 @@ def single_state_forward(
         if D is not None:
             y_l.addcmul_(steps.u_l, D.to(steps.dtype).view(-1, 1))
         y = store_staged(y_l, torch.empty(u.shape, dtype=steps.dtype, device=u.device))
-    return y, [steps.u_l, steps.dt_l, h]
+    return y, [steps.dt_l, h]
 
 
 def single_state_saved_shapes(u: Tensor) -> List[Tuple[int, ...]]:
     """Shapes of what ``single_state_forward`` saves, for fake tensors."""
     batch, channels, length = u.shape
     chunk, n_chunks = chunking(int(length))
-    return [(chunk, batch, channels, n_chunks)] * 3
+    return [(chunk, batch, channels, n_chunks)] * 2
 
 
 def _adjoint(steps: _Steps, a: Tensor, g: Tensor) -> None:
