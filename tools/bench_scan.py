@@ -7,10 +7,10 @@ Times the forward (no autograd) and forward+backward of each backend, plus two r
   pure-PyTorch fallback does (its backward is quadratic in L, so it only runs where that is
   affordable, and always at the acceptance shape [1, 384, 3136, N=1]).
 
-Times are the minimum over the repeats after one warm-up call (the loops: one call after the
-warm-up), since on a shared machine other jobs only ever add time. Every measurement runs in a
-fresh child process so that the peak memory is its own: on CPU the
-growth of the child's peak RSS over its inputs (``resource``), on CUDA
+Times are the minimum over the repeats after one warm-up call (10 repeats; the reference loops,
+which take seconds per call, 3), since on a shared machine other jobs only ever add time. Every
+measurement runs in a fresh child process so that the peak memory is its own: on CPU the growth
+of the child's peak RSS over its inputs (``resource``), on CUDA
 ``torch.cuda.max_memory_allocated`` above the inputs. On GPU the table also gives the forward's
 achieved bandwidth, counting the bytes of reading u, delta, B, C once and writing y once, and its
 fraction of the device's memory bandwidth.
@@ -226,7 +226,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--repeats", type=int, default=10,
-                        help="timed repeats per backend (the reference loops: one)")
+                        help="timed repeats per backend (the reference loops: at most 3)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -262,9 +262,9 @@ def main() -> None:
                 if backend.endswith("loop") and not _loop_affordable(backend, shape, mode, device):
                     continue
                 loop = backend.endswith("loop")
-                # The loops take seconds per call: one timed call after the warm-up.
+                # The loops take seconds per call: at most 3 timed calls after the warm-up.
                 spec = {"shape": dims, "backend": backend, "mode": mode, "device": device,
-                        "threads": args.threads, "repeats": 1 if loop else repeats}
+                        "threads": args.threads, "repeats": min(3, repeats) if loop else repeats}
                 result = _measure(spec, args.timeout)
                 if result is None:
                     print(f"| {name} {dims} | {backend} | {mode} | > {args.timeout:.0f} s | | ")
