@@ -17,11 +17,12 @@ channel is one contiguous slice and one Python step advances all chunks at once:
 
 Every loop takes about sqrt(L) Python steps, and every operation inside them works on one
 step's slice [batch, K*D, N, nc], which stays in the CPU caches. This matters for N = 16, where a
-full [batch, K*D, N, L] buffer is 16 times larger than u: only the backward materialises one such
-buffer (a_t * h_{t-1}); everything else (the decays a_t, the inputs dt*B*u, y, the adjoint and
-every gradient) is formed and reduced step by step. Forming a step's decays where they are used
-measured faster than one whole-tensor pass whose result every loop would read back from memory.
-The backward runs level 3 again (which also builds, forwards in time, the chunk-local adjoint
+full [batch, K*D, N, L] buffer is 16 times larger than u: the forward materialises one such
+buffer (the decays a_t, written by level 1 as it forms them and read back by level 3), the
+backward two (the decays and a_t * h_{t-1}); everything else (the inputs dt*B*u, y, the adjoint
+and every gradient) is formed and reduced step by step. The buffers are scratch memory reused
+from call to call (``scratch.Scratch``): a fresh one would cost a page fault per 4 KiB. The
+backward runs level 3 again (which also builds, forwards in time, the chunk-local adjoint
 that each chunk passes back to the previous one), then a reverse chunk-level scan, then the
 adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} in reverse time from the true values arriving at each
 chunk's end. Large problems run in blocks of channels, one after the other, each taking its
@@ -139,17 +140,22 @@ class _Prepared:
         return torch.exp2(dt_sum * self.A_log2).movedim(-1, 0).contiguous()
 
 
-def _entering_states(prep: _Prepared) -> Tensor:
+def _entering_states(prep: _Prepared, decays: Tensor) -> Tensor:
     """Levels 1 and 2: the true state entering each chunk.
+
+    Args:
+        prep: the prepared inputs.
+        decays: [T, b, K, D, N, nc], receives a_t of every step (level 3 reads them back).
 
     Returns:
         [b, K, D, N, nc], zero for the first chunk.
     """
     dtu_g, B_g = prep.per_channel(prep.dtu_l), prep.per_group(prep.B_l)
-    h, a = prep.state(), prep.state()
+    h = prep.state()
     torch.mul(dtu_g[0], B_g[0], out=h)
+    prep.decay(0, decays[0])
     for t in range(1, prep.chunk):
-        h.mul_(prep.decay(t, a)).addcmul_(dtu_g[t], B_g[t])
+        h.mul_(prep.decay(t, decays[t])).addcmul_(dtu_g[t], B_g[t])
     ends = h.movedim(-1, 0).contiguous()  # [nc, b, K, D, N] chunk-local end states
     whole = prep.chunk_decays()
     entering = torch.empty_like(ends)
@@ -159,33 +165,35 @@ def _entering_states(prep: _Prepared) -> Tensor:
     return entering.movedim(0, -1).contiguous()
 
 
-def _level3_forward(prep: _Prepared, entering: Tensor, y_l: Tensor) -> None:
+def _level3_forward(prep: _Prepared, entering: Tensor, decays: Tensor, y_l: Tensor) -> None:
     """Level 3 of the forward: the true states from the entering ones, and y, step by step.
 
     Args:
         prep: the prepared inputs.
         entering: the true state entering each chunk, [b, K, D, N, nc].
+        decays: a_t of every step, [T, b, K, D, N, nc] (from level 1).
         y_l: receives y_t = sum_n C_t h_t, [T, b, K*D, nc].
     """
     dtu_g, B_g, C_g = prep.per_channel(prep.dtu_l), prep.per_group(prep.B_l), prep.per_group(
         prep.C_l
     )
     batch, _, _, groups, per_group, _ = prep.shape
-    scratch, a = prep.state(), prep.state()
+    scratch = prep.state()
     h = entering.clone()
     for t in range(prep.chunk):
-        h.mul_(prep.decay(t, a)).addcmul_(dtu_g[t], B_g[t])
+        h.mul_(decays[t]).addcmul_(dtu_g[t], B_g[t])
         _contract(h, C_g[t], 3, y_l[t].view(batch, groups, per_group, -1), scratch)
 
 
-def _level3_backward(prep: _Prepared, entering: Tensor, dy_g: Tensor, decayed_prev: Tensor,
-                     dC_l: Tensor) -> Tensor:
+def _level3_backward(prep: _Prepared, entering: Tensor, dy_g: Tensor, decays: Tensor,
+                     decayed_prev: Tensor, dC_l: Tensor) -> Tensor:
     """Level 3 recomputed in the backward, which also gathers what the adjoint scan needs.
 
     Args:
         prep: the prepared inputs.
         entering: the true state entering each chunk, [b, K, D, N, nc].
         dy_g: the output gradient, [T, b, K, D, 1, nc].
+        decays: [T, b, K, D, N, nc], receives a_t of every step (the adjoint scan reads them).
         decayed_prev: [T, b, K, D, N, nc], receives a_t h_{t-1} of every step (what the
             gradient of the log-decay needs, so that nothing is ever divided by a decay).
         dC_l: receives dC_t = sum_d dy_t h_t, [T, b, K, N, nc].
@@ -200,10 +208,9 @@ def _level3_backward(prep: _Prepared, entering: Tensor, dy_g: Tensor, decayed_pr
         prep.C_l
     )
     h, scratch, local, cumulative = prep.state(), prep.state(), prep.state(), prep.state()
-    a_t = prep.state()
     prev = entering
     for t in range(prep.chunk):
-        prep.decay(t, a_t)
+        a_t = prep.decay(t, decays[t])
         torch.mul(a_t, prev, out=decayed_prev[t])
         torch.addcmul(decayed_prev[t], dtu_g[t], B_g[t], out=h)
         _contract(h, dy_g[t], 2, dC_l[t], scratch)
@@ -236,9 +243,10 @@ def _forward_block(
     """
     with Scratch(u.device) as scratch:
         prep = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus, scratch)
-        entering = _entering_states(prep)
+        decays = prep.states()
+        entering = _entering_states(prep, decays)
         y_l = prep.per_channel_buffer()  # [T, b, K*D, nc]
-        _level3_forward(prep, entering, y_l)
+        _level3_forward(prep, entering, decays, y_l)
         if D is not None:
             y_l.addcmul_(prep.u_l, D.to(prep.dtype)[None, None, :, None])
         store_steps(y_l, y)
@@ -328,25 +336,25 @@ def _backward_block(
         )
         dt_g = prep.per_channel(prep.dt_l)
 
-        # One full buffer: the decayed previous states a_t h_{t-1}.
-        decayed_prev = prep.states()
+        # Two full buffers: the decays a_t and the decayed previous states a_t h_{t-1}.
+        decays, decayed_prev = prep.states(), prep.states()
         group_shape = (chunk, *prep.state_shape[:2], d_state, prep.n_chunks)  # [T, b, K, N, nc]
         dC_l = scratch.take(group_shape, prep.dtype)
         if saved:
             entering = saved[0].view(prep.state_shape)
         else:
-            entering = _entering_states(prep)
-        starts = _level3_backward(prep, entering, dy_g, decayed_prev, dC_l)
+            entering = _entering_states(prep, decays)
+        starts = _level3_backward(prep, entering, dy_g, decays, decayed_prev, dC_l)
 
         # The adjoint, step by step in reverse, with every gradient reduced on the spot.
         g = _adjoint_leaving(prep, starts)
         dB_l = scratch.take(group_shape, prep.dtype)
         ddtu_l, ddt_l = prep.per_channel_buffer(), prep.per_channel_buffer()
         dA_acc = torch.zeros(prep.state_shape, dtype=prep.dtype, device=u.device)
-        product, dlog, a = prep.state(), prep.state(), prep.state()
+        product, dlog = prep.state(), prep.state()
         for t in range(chunk - 1, -1, -1):
             if t < chunk - 1:
-                g.mul_(prep.decay(t + 1, a))
+                g.mul_(decays[t + 1])
             g.addcmul_(C_g[t], dy_g[t])
             _contract(g, dtu_g[t], 2, dB_l[t], product)
             _contract(g, B_g[t], 3, prep.per_channel(ddtu_l)[t].squeeze(3), product)
