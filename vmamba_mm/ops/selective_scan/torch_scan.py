@@ -376,9 +376,9 @@ def _backward_block(
 
 
 # States of one [batch, channels, N, L] buffer per channel block. The loops' per-step slices stay
-# small whatever the block; blocks bound the full-size scratch buffer (128 MB in fp32), which the
-# blocks of one call reuse. 2^25 (one block per group at the vanilla VMamba-T stage-1 shape)
-# measured faster than 2^21 to 2^23 and than 2^26 (a single block there).
+# small whatever the block; blocks bound the full-size scratch buffers (128 MB each in fp32),
+# which the blocks of one call reuse. 2^25 (one block per group at the vanilla VMamba-T stage-1
+# shape) measured faster than 2^21 to 2^23 and than 2^26 (a single block there).
 _BLOCK_ELEMENTS = 1 << 25
 
 
