@@ -12,6 +12,7 @@ from vmamba_mm.ops.selective_scan.torch_scan import (
     torch_scan_forward,
     torch_scan_forward_fake,
 )
+from vmamba_mm.ops.selective_scan.torch_scan_single_state import single_state_chunking
 
 GRAD_NAMES = ("du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias")
 # Tolerances as mamba_ssm's tests use them; atol is relative to the reference's largest entry,
@@ -268,11 +269,13 @@ def _naive_states(inputs, length, d_state):
 
 def test_torch_backend_saves_the_entering_states_for_more_than_one_state():
     """N > 1 saves only the states entering each chunk, [batch, K*D, N, nc]."""
+    from vmamba_mm.ops.selective_scan import torch_scan
+
     length, d_state = 90, 16
     inputs, softplus = make_inputs(2, 4, 3, length, d_state, with_D=True, with_bias=True,
                                    softplus=True)
     _, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
-    chunk, n_chunks = chunking(length)
+    chunk, n_chunks = torch_scan._chunking(length)
     assert n_chunks > 1
     (entering,) = saved
     assert entering.shape == (2, 12, d_state, n_chunks)
@@ -291,7 +294,7 @@ def test_torch_backend_saves_dt_and_every_state_for_one_state(length):
     inputs, softplus = make_inputs(2, 4, 3, length, 1, with_D=True, with_bias=True,
                                    softplus=True)
     _, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
-    chunk, n_chunks = chunking(length)
+    chunk, n_chunks = single_state_chunking(length)
     assert n_chunks > 1 and chunk * n_chunks >= length
     assert [tuple(t.shape) for t in saved] == [(chunk, 2, 12, n_chunks)] * 2
     states, dt = _naive_states(inputs, length, 1)
@@ -306,26 +309,16 @@ def test_torch_backend_saves_dt_and_every_state_for_one_state(length):
     assert bool((dt_l[chunk - padded :, ..., -1] == 0).all())
 
 
-@pytest.mark.parametrize("length", [1, 5, 49, 63, 257, 3136])
-def test_single_state_chunking_covers_the_sequence_near_its_square_root(length):
-    chunk, n_chunks = chunking(length)
-    assert (n_chunks - 1) * chunk < length <= chunk * n_chunks
-    assert chunk <= 2 * length**0.5 + 1 and n_chunks <= 2 * length**0.5 + 1
-    if length in (49, 63, 3136):  # a divisor close to sqrt(L) exists: no padding
-        assert chunk * n_chunks == length
-
-
-def test_torch_backend_backward_with_and_without_saved_entering_states_agree():
-    inputs, softplus = make_inputs(2, 4, 3, 70, 16, with_D=True, with_bias=True, softplus=True)
-    dy = torch.randn(2, 12, 70, generator=torch.Generator().manual_seed(8))
-    _, saved = torch_scan_forward(**inputs, delta_softplus=softplus)
-    copies = [t.clone() for t in saved]
-    with_saved = torch_scan_backward(dy, *inputs.values(), softplus, *saved)
-    recomputed = torch_scan_backward(dy, *inputs.values(), softplus)
-    for got, want in zip(with_saved, recomputed):
-        torch.testing.assert_close(got, want)
-    for before, after in zip(copies, saved):
-        assert torch.equal(before, after), "the backward modified a saved tensor"
+@pytest.mark.parametrize("length", [1, 2, 5, 49, 63, 196, 257, 784, 3136, 16384])
+def test_chunking_covers_the_sequence_with_chunks_near_the_target(length):
+    for target, chunks in ((length**0.5, chunking(length, length**0.5)),
+                           (1.2 * length ** (1 / 3), single_state_chunking(length))):
+        chunk, n_chunks = chunks
+        assert 1 <= chunk <= length
+        assert (n_chunks - 1) * chunk < length <= chunk * n_chunks
+        assert chunk <= max(1, 2 * target) and (chunk >= target / 2 or chunk == length)
+        if length in (49, 196, 784, 3136, 16384):  # a divisor near the target: no padding
+            assert chunk * n_chunks == length
 
 
 def test_torch_backend_blocks_reuse_scratch_memory_without_stale_values(monkeypatch):
@@ -345,7 +338,7 @@ def test_torch_backend_blocks_reuse_scratch_memory_without_stale_values(monkeypa
         return out
 
     monkeypatch.setattr(scratch.Scratch, "take", spy)
-    monkeypatch.setattr(torch_scan, "_BLOCK_ELEMENTS", 3 * 16 * math.prod(chunking(45)))
+    monkeypatch.setattr(torch_scan, "_BLOCK_ELEMENTS", 3 * 16 * math.prod(torch_scan._chunking(45)))
     blocks = torch_scan._channel_blocks(inputs["u"], inputs["A"], inputs["B"])
     assert [last - first for _, first, last in blocks] == [3, 3, 1, 3, 3, 1]
     monkeypatch.setattr(scratch._local, "buffers", [], raising=False)  # an empty pool

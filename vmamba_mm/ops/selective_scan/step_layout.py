@@ -18,18 +18,16 @@ import torch
 Tensor = torch.Tensor
 
 
-def chunking(length: int) -> Tuple[int, int]:
-    """(T, nc): steps per chunk and chunk count, T * nc >= L.
+def chunking(length: int, target: float) -> Tuple[int, int]:
+    """(T, nc): steps per chunk and chunk count, T * nc >= L, with T near ``target``.
 
-    The loops over the steps of a chunk and the one over the chunks both cost Python steps, so
-    T and nc are both kept near sqrt(L). A divisor of L in [sqrt(L) / 2, 2 sqrt(L)] is preferred
-    (no padded steps; VMamba's L = H * W always has one when H and W are close); else
-    T = ceil(sqrt(L)).
+    A divisor of L in [target / 2, 2 target] is preferred (no padded steps; VMamba's L = H * W
+    has one for the usual sizes); else T = ceil(target). T is at most L.
     """
-    root = math.sqrt(length)
-    low, high = max(1, math.ceil(root / 2)), int(2 * root)
+    low, high = max(1, math.ceil(target / 2)), min(length, int(2 * target))
     divisors = [t for t in range(low, high + 1) if length % t == 0]
-    chunk = min(divisors, key=lambda t: abs(t - root)) if divisors else math.ceil(root)
+    chunk = min(divisors, key=lambda t: abs(t - target)) if divisors else math.ceil(target)
+    chunk = max(1, min(length, chunk))
     return chunk, math.ceil(length / chunk)
 
 

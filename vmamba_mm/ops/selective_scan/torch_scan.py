@@ -59,6 +59,15 @@ from .torch_scan_single_state import (
 Tensor = torch.Tensor
 
 
+def _chunking(length: int) -> Tuple[int, int]:
+    """(T, nc) for N > 1: T about sqrt(L).
+
+    That measured best: longer chunks make the innermost, contiguous nc axis too short to
+    vectorise well, shorter ones add Python steps on the large [b, K, D, N, nc] slices.
+    """
+    return chunking(length, math.sqrt(length))
+
+
 def _contract(x: Tensor, y: Tensor, dim: int, out: Tensor, scratch: Tensor) -> None:
     """out = sum over ``dim`` of x * y (broadcast); a single multiply when that axis has size 1."""
     if scratch.shape[dim] == 1:
@@ -82,7 +91,7 @@ class _Prepared:
         groups, d_state = B.shape[1], A.shape[1]
         per_group = channels // groups
         self.shape = (batch, channels, length, groups, per_group, d_state)
-        self.chunk, self.n_chunks = chunk, n_chunks = chunking(length)
+        self.chunk, self.n_chunks = chunk, n_chunks = _chunking(length)
         self.dtype = dtype = compute_dtype(u)
         self.state_shape = (batch, groups, per_group, d_state, n_chunks)
         self.A_g = A.to(dtype).view(1, groups, per_group, d_state, 1)
@@ -275,7 +284,7 @@ def torch_scan_forward_fake(
     if d_state == 1:
         shapes = single_state_saved_shapes(u)
     else:
-        n_chunks = chunking(int(length))[1]
+        n_chunks = _chunking(int(length))[1]
         shapes = [(batch, channels, d_state, n_chunks)]
     return u.new_empty(u.shape, dtype=dtype), [u.new_empty(s, dtype=dtype) for s in shapes]
 
@@ -387,7 +396,7 @@ def _channel_blocks(u: Tensor, A: Tensor, B: Tensor) -> List[Tuple[int, int, int
     batch, channels, length = u.shape
     groups = B.shape[1]
     per_group = channels // groups
-    chunk, n_chunks = chunking(length)
+    chunk, n_chunks = _chunking(length)
     per_channel = batch * A.shape[1] * chunk * n_chunks
     if channels * per_channel <= _BLOCK_ELEMENTS:
         return []  # one block: no slicing at all
@@ -444,7 +453,7 @@ def torch_scan_forward(
         return single_state_forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
     dtype = compute_dtype(u)
     y = torch.empty(u.shape, dtype=dtype, device=u.device)
-    n_chunks = chunking(u.shape[2])[1]
+    n_chunks = _chunking(u.shape[2])[1]
     saved = torch.empty((*u.shape[:2], A.shape[1], n_chunks), dtype=dtype, device=u.device)
     blocks = _channel_blocks(u, A, B)
     if not blocks:
