@@ -78,8 +78,8 @@ class _Steps:
         self.shape = (chunk, batch, channels, n_chunks)
         self.A = A.to(dtype).view(channels, 1)
         self.A_log2 = self.A * _LOG2E  # exp(x) = exp2(x log2(e)), exp2 is cheaper on CPUs
-        self.B_l = self.load(B.view(batch, groups, length)).unsqueeze(3)
-        self.C_l = self.load(C.view(batch, groups, length)).unsqueeze(3)
+        self.B_l = self.load(B.squeeze(2)).unsqueeze(3)  # [T, b, K, 1, nc]
+        self.C_l = self.load(C.squeeze(2)).unsqueeze(3)
         # u in the step layout is not kept for the backward, which copies it again: a copy
         # into reused scratch memory costs less than the page faults of a fresh tensor.
         self.u_l = load_steps(u, scratch.take(self.shape, dtype))
