@@ -94,7 +94,7 @@ class _Prepared:
         self.chunk, self.n_chunks = chunk, n_chunks = _chunking(length)
         self.dtype = dtype = compute_dtype(u)
         self.state_shape = (batch, groups, per_group, d_state, n_chunks)
-        self.A_g = A.to(dtype).view(1, groups, per_group, d_state, 1)
+        self.A_g = A.to(dtype).reshape(1, groups, per_group, d_state, 1)
         self.A_log2 = self.A_g * (1.0 / math.log(2.0))  # exp(x) = exp2(x / log(2))
         self.scratch = scratch  # every step-layout tensor here is scratch memory
 
