@@ -17,6 +17,8 @@ import torch
 
 Tensor = torch.Tensor
 
+LOG2E = 1.0 / math.log(2.0)  # exp(x) = exp2(x log2(e)); exp2 is markedly cheaper on CPUs
+
 
 def chunking(length: int, target: float) -> Tuple[int, int]:
     """(T, nc): steps per chunk and chunk count, T * nc >= L, with T near ``target``.
@@ -29,6 +31,32 @@ def chunking(length: int, target: float) -> Tuple[int, int]:
     chunk = min(divisors, key=lambda t: abs(t - target)) if divisors else math.ceil(target)
     chunk = max(1, min(length, chunk))
     return chunk, math.ceil(length / chunk)
+
+
+def chunk_scan(ends: Tensor, whole: Tensor, reverse: bool) -> Tensor:
+    """Level 2 of a chunked scan: s_{j+1} = ends_j + whole_j s_j over the chunks.
+
+    With ``reverse`` it runs from the far end instead: s_{j-1} = ends_j + whole_j s_j.
+
+    Args:
+        ends: [nc, ...], what each chunk adds when nothing enters it.
+        whole: [nc, ...], the decay across each chunk.
+
+    Returns:
+        [..., nc]: what enters each chunk, zero for the first (the last when ``reverse``).
+    """
+    n_chunks = ends.shape[0]
+    ends = ends.contiguous()
+    out = torch.empty_like(ends)
+    if reverse:
+        out[-1].zero_()
+        for j in range(n_chunks - 1, 0, -1):
+            torch.addcmul(ends[j], whole[j], out[j], out=out[j - 1])
+    else:
+        out[0].zero_()
+        for j in range(n_chunks - 1):
+            torch.addcmul(ends[j], whole[j], out[j], out=out[j + 1])
+    return out.movedim(0, -1)
 
 
 def compute_dtype(u: Tensor) -> torch.dtype:

@@ -43,6 +43,8 @@ import torch
 
 from .scratch import Scratch
 from .step_layout import (
+    LOG2E,
+    chunk_scan,
     chunking,
     compute_dtype,
     from_steps,
@@ -95,7 +97,7 @@ class _Prepared:
         self.dtype = dtype = compute_dtype(u)
         self.state_shape = (batch, groups, per_group, d_state, n_chunks)
         self.A_g = A.to(dtype).reshape(1, groups, per_group, d_state, 1)
-        self.A_log2 = self.A_g * (1.0 / math.log(2.0))  # exp(x) = exp2(x / log(2))
+        self.A_log2 = self.A_g * LOG2E
         self.scratch = scratch  # every step-layout tensor here is scratch memory
 
         def steps(x: Tensor) -> Tensor:  # [b, X.., L] -> [T, b, X.., nc]
@@ -165,13 +167,8 @@ def _entering_states(prep: _Prepared, decays: Tensor) -> Tensor:
     prep.decay(0, decays[0])
     for t in range(1, prep.chunk):
         h.mul_(prep.decay(t, decays[t])).addcmul_(dtu_g[t], B_g[t])
-    ends = h.movedim(-1, 0).contiguous()  # [nc, b, K, D, N] chunk-local end states
-    whole = prep.chunk_decays()
-    entering = torch.empty_like(ends)
-    entering[0].zero_()
-    for j in range(prep.n_chunks - 1):
-        torch.addcmul(ends[j], whole[j], entering[j], out=entering[j + 1])
-    return entering.movedim(0, -1).contiguous()
+    # h holds the chunk-local end states; level 3 steps on the result: keep it contiguous.
+    return chunk_scan(h.movedim(-1, 0), prep.chunk_decays(), reverse=False).contiguous()
 
 
 def _level3_forward(prep: _Prepared, entering: Tensor, decays: Tensor, y_l: Tensor) -> None:
@@ -289,25 +286,6 @@ def torch_scan_forward_fake(
     return u.new_empty(u.shape, dtype=dtype), [u.new_empty(s, dtype=dtype) for s in shapes]
 
 
-def _adjoint_leaving(prep: _Prepared, starts: Tensor) -> Tensor:
-    """Reverse level 2: the adjoint arriving at each chunk's last step from the later chunks.
-
-    Args:
-        starts: a_0 times each chunk's local adjoint at its first step, [b, K, D, N, nc].
-
-    Returns:
-        [b, K, D, N, nc]: a_s g_s (true adjoint) at the first step s of the next chunk, zero for
-        the last chunk.
-    """
-    starts = starts.movedim(-1, 0).contiguous()  # [nc, b, K, D, N]
-    whole = prep.chunk_decays()
-    leaving = torch.empty_like(starts)
-    leaving[-1].zero_()
-    for j in range(prep.n_chunks - 2, -1, -1):
-        torch.addcmul(starts[j + 1], whole[j + 1], leaving[j + 1], out=leaving[j])
-    return leaving.movedim(0, -1).contiguous()
-
-
 def _backward_block(
     dy: Tensor,
     u: Tensor,
@@ -356,7 +334,9 @@ def _backward_block(
         starts = _level3_backward(prep, entering, dy_g, decays, decayed_prev, dC_l)
 
         # The adjoint, step by step in reverse, with every gradient reduced on the spot.
-        g = _adjoint_leaving(prep, starts)
+        # The adjoint arriving at each chunk's last step from the later chunks: a_s g_s at the
+        # first step s of the next chunk, zero for the last chunk.
+        g = chunk_scan(starts.movedim(-1, 0), prep.chunk_decays(), reverse=True).contiguous()
         dB_l = scratch.take(group_shape, prep.dtype)
         ddtu_l, ddt_l = prep.per_channel_buffer(), prep.per_channel_buffer()
         dA_acc = torch.zeros(prep.state_shape, dtype=prep.dtype, device=u.device)

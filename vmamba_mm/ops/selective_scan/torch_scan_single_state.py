@@ -26,7 +26,6 @@ and softplus) and the states, two tensors as large as u. The layout changes at t
 are the copies of ``step_layout``.
 """
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -34,6 +33,8 @@ import torch.nn.functional as F
 
 from .scratch import Scratch
 from .step_layout import (
+    LOG2E,
+    chunk_scan,
     chunking,
     compute_dtype,
     from_steps,
@@ -45,9 +46,6 @@ from .step_layout import (
 )
 
 Tensor = torch.Tensor
-
-_LOG2E = 1.0 / math.log(2.0)
-
 
 def single_state_chunking(length: int) -> Tuple[int, int]:
     """(T, nc) for N = 1: T about 1.2 L^(1/3).
@@ -77,7 +75,7 @@ class _Steps:
         self.device = u.device
         self.shape = (chunk, batch, channels, n_chunks)
         self.A = A.to(dtype).view(channels, 1)
-        self.A_log2 = self.A * _LOG2E  # exp(x) = exp2(x log2(e)), exp2 is cheaper on CPUs
+        self.A_log2 = self.A * LOG2E
         self.B_l = self.load(B.squeeze(2)).unsqueeze(3)  # [T, b, K, 1, nc]
         self.C_l = self.load(C.squeeze(2)).unsqueeze(3)
         # u in the step layout is not kept for the backward, which copies it again: a copy
@@ -116,30 +114,6 @@ class _Steps:
         return torch.exp2(self.dt_l.sum(0).mul_(self.A_log2)).movedim(-1, 0).contiguous()
 
 
-def _chunk_scan(ends: Tensor, whole: Tensor, reverse: bool) -> Tensor:
-    """Level 2: s_{j+1} = ends_j + whole_j s_j over the chunks (from the far end if ``reverse``).
-
-    Args:
-        ends: [nc, ...], what each chunk adds when nothing enters it.
-        whole: [nc, ...], the decay across each chunk.
-
-    Returns:
-        [..., nc]: what enters each chunk, zero for the first (the last when ``reverse``).
-    """
-    n_chunks = ends.shape[0]
-    ends = ends.contiguous()
-    out = torch.empty_like(ends)
-    if reverse:
-        out[-1].zero_()
-        for j in range(n_chunks - 1, 0, -1):
-            torch.addcmul(ends[j], whole[j], out[j], out=out[j - 1])
-    else:
-        out[0].zero_()
-        for j in range(n_chunks - 1):
-            torch.addcmul(ends[j], whole[j], out[j], out=out[j + 1])
-    return out.movedim(0, -1)
-
-
 def _states(steps: _Steps, a: Tensor, x: Tensor) -> None:
     """Turns x (the inputs dt B u, [T, b, K*D, nc]) into the states h, in place.
 
@@ -151,7 +125,7 @@ def _states(steps: _Steps, a: Tensor, x: Tensor) -> None:
     h = x[0].clone()
     for t in range(1, steps.chunk):  # level 1: chunk-local end states
         torch.addcmul(x[t], a[t], h, out=h)
-    entering = _chunk_scan(h.movedim(-1, 0), steps.chunk_decays(), reverse=False)
+    entering = chunk_scan(h.movedim(-1, 0), steps.chunk_decays(), reverse=False)
     x[0].addcmul_(a[0], entering)
     for t in range(1, steps.chunk):  # level 3: the true states
         x[t].addcmul_(a[t], x[t - 1])
@@ -213,7 +187,7 @@ def _adjoint(steps: _Steps, a: Tensor, g: Tensor) -> None:
     for t in range(last - 1, -1, -1):  # level 1: each chunk's adjoint at its first step
         torch.addcmul(g[t], a[t + 1], local, out=local)
     passed_back = local.mul_(a[0]).movedim(-1, 0)  # what a chunk hands to the previous one
-    g[last].add_(_chunk_scan(passed_back, steps.chunk_decays(), reverse=True))
+    g[last].add_(chunk_scan(passed_back, steps.chunk_decays(), reverse=True))
     for t in range(last - 1, -1, -1):  # level 3: the true adjoint
         g[t].addcmul_(a[t + 1], g[t + 1])
 
