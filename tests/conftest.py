@@ -3,6 +3,7 @@
 * ``gpu`` tests are skipped without CUDA; ``triton`` tests are skipped when Triton does not import.
 * Without CUDA, Triton kernels can only run in interpreter mode, which must be switched on before
   Triton is first imported, so it is set here for the whole session.
+* ``served`` serves a temporary folder over http, for the checkpoint-safety tests.
 * During the ops tests, memory handed out by ``torch.empty``/``torch.empty_like`` is filled with
   NaN, so a kernel that forgets to write part of its output fails loudly instead of passing by luck.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from crafted_checkpoints import serve_directory
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -62,3 +64,14 @@ def nan_filled_empty(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
         monkeypatch.setattr(torch, "empty", _nan_filled(torch.empty))
         monkeypatch.setattr(torch, "empty_like", _nan_filled(torch.empty_like))
     yield
+
+
+@pytest.fixture
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """(a folder served over http on 127.0.0.1, its base URL). torch's download cache (and that
+    of tool subprocesses, through TORCH_HOME) is redirected under ``tmp_path``."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    root = tmp_path / "served"
+    root.mkdir()
+    with serve_directory(root) as url:
+        yield root, url

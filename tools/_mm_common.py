@@ -180,3 +180,45 @@ def build_runner(cfg):
     if "runner_type" in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
+
+
+def is_remote(location: str) -> bool:
+    """Whether a checkpoint location is a URL or another file-backend URI (not a local path)."""
+    import re
+
+    return re.match(r"^(\S+:)?[A-Za-z][A-Za-z0-9+.-]*://", location) is not None
+
+
+def check_checkpoint_argument(location: str, option: str, hint: str) -> None:
+    """Fails early when a local checkpoint path given on the command line does not exist.
+
+    URLs and other schemes are checked when they are loaded (downloaded once per node). A
+    ``#sha256=<hex>`` suffix is not part of the path.
+    """
+    from vmamba_mm.checkpoint.integrity import split_sha256
+
+    path, _ = split_sha256(location)
+    if not is_remote(path) and not Path(path).expanduser().is_file():
+        raise FileNotFoundError(f"checkpoint {path} given to {option} does not exist; {hint}")
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line, for ``error: ...`` output."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def exit_on_user_error(action):
+    """Runs ``action()``; an error in the user's input ends the tool with one ``error:`` line.
+
+    Input errors are missing files, bad checkpoints (damaged, unsafe, non-finite, not matching
+    the model) and images the backbone cannot take (``vmamba_mm.errors.USER_ERRORS``). Any other
+    exception keeps its traceback: it is a bug to report.
+    """
+    import sys
+
+    from vmamba_mm.errors import USER_ERRORS
+
+    try:
+        return action()
+    except USER_ERRORS as error:
+        sys.exit(f"error: {one_line(error)}")

@@ -25,6 +25,7 @@ from vmamba_mm.checkpoint import (  # noqa: E402
     match_state_dict,
     safe_load,
 )
+from vmamba_mm.errors import USER_ERRORS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return convert(args)
+    except USER_ERRORS as error:
+        sys.exit("error: " + " ".join(str(error).split()))
+
+
+def convert(args: argparse.Namespace) -> int:
+    """Reads, checks and writes the checkpoint; see the module docstring."""
     raw, skipped = safe_load(args.src)
     state = convert_official_keys(extract_state_dict(raw, use_ema=args.use_ema),
                                   prefix=args.prefix)

@@ -4,6 +4,7 @@ Usage::
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE_OR_DIR] [--show-dir DIR]
                                            [--show] [--wait-time S] [--tta]
+                                           [--allow-partial-checkpoint]
                                            [--cfg-options key=value ...] [--launcher ...]
 
 Flags behave as in the toolbox the config belongs to: for detection ``--out`` is a ``.pkl`` file
@@ -17,12 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from _mm_common import (
     build_runner,
+    check_checkpoint_argument,
     check_data,
+    exit_on_user_error,
     init_toolbox,
     load_config,
     prepare_launcher,
@@ -36,7 +38,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(description="Test (and evaluate) a VMamba model.")
     parser.add_argument("config", help="test config file path")
-    parser.add_argument("checkpoint", help="checkpoint file")
+    parser.add_argument("checkpoint", help="checkpoint file or URL")
+    parser.add_argument(
+        "--allow-partial-checkpoint",
+        action="store_true",
+        help="test even when the checkpoint's keys or shapes do not match the model (the "
+        "unmatched weights keep their initialisation); without it that is an error",
+    )
     parser.add_argument(
         "--work-dir", help="the directory to save the file containing evaluation metrics"
     )
@@ -137,11 +145,9 @@ def setup_config(args: argparse.Namespace):
     Returns:
         The mmengine ``Config`` ready for the Runner.
     """
-    if not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(
-            f"checkpoint {args.checkpoint} does not exist; pass a file written by tools/train.py "
-            "(e.g. work_dirs/<config name>/iter_N.pth)."
-        )
+    check_checkpoint_argument(
+        args.checkpoint, "test.py", "pass a file written by tools/train.py (e.g. "
+        "work_dirs/<config name>/iter_N.pth) or its URL.")
     cfg = load_config(args.config, args.cfg_options)
     scope = toolbox_of(cfg)
     init_toolbox(scope)
@@ -174,12 +180,61 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         cfg = setup_config(args)
     except (FileNotFoundError, ValueError, TypeError) as err:
         sys.exit(f"error: {err}")
+    return exit_on_user_error(lambda: _build_and_test(cfg, args))
+
+
+def _build_and_test(cfg, args: argparse.Namespace) -> Dict[str, Any]:
     runner = build_runner(cfg)
+    load_checked_checkpoint(runner, cfg.load_from, args.allow_partial_checkpoint)
     if args.out is not None and toolbox_of(cfg) == "mmdet":
         from mmdet.evaluation import DumpDetResults
 
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
     return runner.test()
+
+
+def _strip_module(key: str) -> str:
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def load_checked_checkpoint(runner, checkpoint: str, allow_partial: bool) -> None:
+    """Loads the checkpoint into the runner's model and checks that it fits.
+
+    mmengine loads test checkpoints non-strictly, so another model's checkpoint would only log a
+    warning and be evaluated with random weights. Here missing keys, unexpected keys and shape
+    mismatches are an error unless ``allow_partial`` is set.
+
+    Raises:
+        vmamba_mm.errors.CheckpointMismatchError: the checkpoint does not fit the model.
+    """
+    from mmengine.model import is_model_wrapper
+
+    from vmamba_mm.checkpoint.official import format_keys
+    from vmamba_mm.errors import CheckpointMismatchError
+
+    loaded = runner.load_checkpoint(checkpoint, map_location="cpu")
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    # A test-time-augmentation model holds the detector as `module`; DDP checkpoints prefix
+    # "module." too.
+    expected = {_strip_module(k): v.shape for k, v in model.state_dict().items()}
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {}
+    given = {_strip_module(k): v.shape for k, v in state.items() if hasattr(v, "shape")}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mismatched = [f"{k}: checkpoint {tuple(given[k])} vs model {tuple(expected[k])}"
+                  for k in sorted(set(given) & set(expected)) if given[k] != expected[k]]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"{label} ({len(keys)}): {format_keys(keys, limit=5)}"
+             for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                 ("shape mismatches", mismatched)) if keys]
+    message = (f"checkpoint {checkpoint} does not fit the model of this config: "
+               + "; ".join(parts) + ".")
+    if not allow_partial:
+        raise CheckpointMismatchError(
+            message + " Pass the checkpoint trained with this config, or "
+            "--allow-partial-checkpoint to test anyway with those weights left at their init.")
+    runner.logger.warning(message + " Testing anyway (--allow-partial-checkpoint).")
 
 
 if __name__ == "__main__":

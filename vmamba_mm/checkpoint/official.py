@@ -7,30 +7,28 @@ Reads three kinds of files:
 * mmdet / mmseg checkpoints: ``"state_dict"`` whose backbone keys start with ``"backbone."``;
 * plain state_dicts.
 
-Pickled code is never executed. Files are first read with torch's weights-only loader; if that
-refuses a global (such as the yacs ``CfgNode`` class), the file is read again by a restricted
-unpickler that rebuilds tensors and plain containers and turns every other global into an inert
-``SkippedObject`` that records what it stood for. What was skipped is reported.
+Pickled code is never executed. Files go through :func:`.loading.load_checkpoint_file` (checksums,
+weights-only unpickling); if torch refuses a class (such as the yacs ``CfgNode``), the restricted
+reader rebuilds tensors and plain containers and turns every other class into an inert
+``SkippedObject`` that records what it stood for, while still refusing any call of, or change to,
+code outside torch's allow-list. What was skipped is reported.
 
 Loading is strict: missing or unexpected backbone keys and shape mismatches raise
 ``CheckpointMismatchError`` listing them. The classifier head of a classification checkpoint and
 the ``outnorm{i}`` layers it lacks are expected and only reported at info level.
 """
 
-import io
 import logging
-import os
-import pickle
 import re
-import sys
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
+
+from ..errors import CheckpointError, CheckpointMismatchError
+from .loading import load_checkpoint_file
 
 logger = logging.getLogger("vmamba_mm")
 
@@ -51,151 +49,27 @@ IGNORED_UNEXPECTED_PREFIXES = ("classifier.",)
 IGNORED_MISSING_PREFIXES = ("outnorm",)
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's backbone keys or shapes do not match the model."""
-
-
-class SkippedObject(dict):
-    """An inert stand-in for a pickled object whose class is not allowed to load.
-
-    It records how the pickle tried to build it (``pickled_name``, ``args``, ``state``, items) and
-    never runs any code of the original class or function.
-    """
-
-    pickled_name = "<unknown>"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__()
-        self.__dict__["args"] = args
-        self.__dict__["kwargs"] = kwargs
-
-    def __setstate__(self, state: Any) -> None:
-        self.__dict__["state"] = state
-
-    def __call__(self, *args: Any, **kwargs: Any) -> "SkippedObject":
-        return type(self)(*args, **kwargs)
-
-    def append(self, item: Any) -> None:
-        self.__dict__.setdefault("items", []).append(item)
-
-    def extend(self, items: Any) -> None:
-        self.__dict__.setdefault("items", []).extend(items)
-
-    def __repr__(self) -> str:
-        return f"<skipped pickled object {self.pickled_name}>"
-
-
-def _allowed_globals() -> Dict[str, Any]:
-    # torch's own allow-list for weights-only loading: tensor rebuild functions, storage types,
-    # dtypes, OrderedDict, torch.Size and similar plain types.
-    from torch import _weights_only_unpickler
-
-    return dict(_weights_only_unpickler._get_allowed_globals())
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str) -> None:
-        super().__init__(io.BytesIO(data))
-        self._archive = archive
-        self._root = root
-        self._allowed = _allowed_globals()
-        self._placeholders: Dict[str, type] = {}
-        self._storages: Dict[str, Any] = {}
-
-    @property
-    def skipped(self) -> List[str]:
-        return sorted(self._placeholders)
-
-    def find_class(self, module: str, name: str) -> Any:
-        full_name = f"{module}.{name}"
-        if full_name in self._allowed:
-            return self._allowed[full_name]
-        if full_name not in self._placeholders:
-            self._placeholders[full_name] = type(
-                "SkippedObject", (SkippedObject,), {"pickled_name": full_name})
-        return self._placeholders[full_name]
-
-    def persistent_load(self, saved_id: Any) -> Any:
-        if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {saved_id!r} in checkpoint")
-        _, storage_type, key, _location, _numel = saved_id
-        if key not in self._storages:
-            if storage_type is torch.UntypedStorage:
-                dtype = torch.uint8
-            elif isinstance(getattr(storage_type, "dtype", None), torch.dtype):
-                # torch.FloatStorage & co., or the StorageType stand-ins of torch's allow-list.
-                dtype = storage_type.dtype
-            else:
-                raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-            raw = self._archive.read(f"{self._root}data/{key}")
-            if raw:
-                untyped = torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage()
-            else:
-                untyped = torch.UntypedStorage(0)
-            self._storages[key] = torch.storage.TypedStorage(
-                wrap_storage=untyped, dtype=dtype, _internal=True)
-        return self._storages[key]
-
-
-def _restricted_load(path: str) -> Tuple[Any, List[str]]:
-    if not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"{path} is not a zip-format torch checkpoint and cannot be read safely; re-save it "
-            "with torch.save (torch >= 1.6) from a trusted environment.")
-    with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            raise ValueError(f"{path} does not look like a torch.save checkpoint (no data.pkl).")
-        root = pickles[0][: -len("data.pkl")]
-        if f"{root}byteorder" in archive.namelist():
-            order = archive.read(f"{root}byteorder").decode().strip()
-            if order != sys.byteorder:
-                raise ValueError(f"{path} was saved on a {order}-endian machine; re-save it here.")
-        unpickler = _RestrictedUnpickler(archive.read(pickles[0]), archive, root)
-        obj = unpickler.load()
-        return obj, unpickler.skipped
-
-
-def _download(url: str) -> str:
-    cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
-    os.makedirs(cache_dir, exist_ok=True)
-    target = os.path.join(cache_dir, os.path.basename(urlparse(url).path))
-    if not os.path.exists(target):
-        torch.hub.download_url_to_file(url, target, progress=True)
-    return target
-
-
-def safe_load(path_or_url: str) -> Tuple[Any, List[str]]:
-    """Loads a checkpoint onto the CPU without executing pickled code.
+def safe_load(path_or_url: str, sha256: Optional[str] = None) -> Tuple[Any, List[str]]:
+    """Loads an official, mmdet/mmseg or plain checkpoint onto the CPU without running its code.
 
     Args:
-        path_or_url: a local file, or an http(s) URL (downloaded once into torch's hub cache).
+        path_or_url: a local file, an http(s) URL (downloaded once per node into torch's hub
+            cache) or another mmengine file-backend URI; a ``#sha256=<hex>`` suffix pins the hash.
+        sha256: expected SHA-256 (or its first 8+ hex digits).
 
     Returns:
-        (checkpoint object, sorted names of the pickled globals replaced by ``SkippedObject``;
+        (checkpoint object, sorted names of the pickled classes replaced by ``SkippedObject``;
         empty when torch's weights-only loader accepted the file as it is).
+
+    Raises:
+        FileNotFoundError, DamagedCheckpointError, UnsafeCheckpointError: see
+        :func:`vmamba_mm.checkpoint.loading.load_checkpoint_file`.
     """
-    if not isinstance(path_or_url, (str, os.PathLike)):
-        raise TypeError(
-            f"checkpoint must be a path or URL string, got {type(path_or_url).__name__}.")
-    path = os.fspath(path_or_url)
-    scheme = urlparse(path).scheme
-    if scheme in ("http", "https"):
-        path = _download(path)
-    elif scheme and len(scheme) > 1:
-        raise ValueError(
-            f"checkpoint {path!r}: only local paths and http(s) URLs are supported; download the "
-            "file first.")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file {path!r} does not exist; check the path.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True), []
-    except pickle.UnpicklingError:
-        # Typically the pickled yacs config of official classification checkpoints.
-        pass
-    obj, skipped = _restricted_load(path)
-    _log(f"checkpoint {path}: replaced pickled objects of these non-weight types with inert "
-         f"placeholders (their code was not run): {', '.join(skipped)}", logging.INFO)
+    obj, skipped = load_checkpoint_file(path_or_url, map_location="cpu",
+                                        placeholders_for_unknown_classes=True, sha256=sha256)
+    if skipped:
+        _log(f"checkpoint {path_or_url}: replaced pickled objects of these non-weight types with "
+             f"inert placeholders (their code was not run): {', '.join(skipped)}", logging.INFO)
     return obj, skipped
 
 
@@ -213,10 +87,11 @@ def extract_state_dict(
         The state_dict (tensors only), keys unchanged.
     """
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint holds a {type(checkpoint).__name__}, not a dict of weights.")
+        raise CheckpointError(
+            f"checkpoint holds a {type(checkpoint).__name__}, not a dict of weights.")
     if use_ema:
         if "model_ema" not in checkpoint:
-            raise ValueError(
+            raise CheckpointError(
                 "use_ema=True but the checkpoint has no 'model_ema' entry (top-level keys: "
                 f"{sorted(checkpoint)}); load with use_ema=False.")
         state = checkpoint["model_ema"]
@@ -229,10 +104,10 @@ def extract_state_dict(
     else:
         state = checkpoint
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint weights are a {type(state).__name__}, not a state_dict.")
+        raise CheckpointError(f"checkpoint weights are a {type(state).__name__}, not a state_dict.")
     tensors = OrderedDict((k, v) for k, v in state.items() if isinstance(v, torch.Tensor))
     if not tensors:
-        raise ValueError(
+        raise CheckpointError(
             f"no tensors found in the checkpoint (keys: {sorted(state)[:20]}); is it a weights "
             "file?")
     return tensors
@@ -261,7 +136,7 @@ def convert_official_keys(
     if prefix:
         selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if not selected:
-            raise ValueError(
+            raise CheckpointError(
                 f"no checkpoint key starts with prefix {prefix!r}; first keys: "
                 f"{list(state_dict)[:5]}. Fix or drop `prefix`.")
         state_dict = selected
@@ -302,7 +177,7 @@ def _stage_summary(keys: List[str]) -> str:
     return str([depths[i] for i in sorted(depths)])
 
 
-def _format_keys(keys: List[str], limit: int = 30) -> str:
+def format_keys(keys: List[str], limit: int = 30) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
@@ -350,11 +225,11 @@ def match_state_dict(
     if missing or unexpected or mismatched:
         parts = []
         if missing:
-            parts.append(f"missing keys ({len(missing)}): {_format_keys(missing)}")
+            parts.append(f"missing keys ({len(missing)}): {format_keys(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_format_keys(unexpected)}")
+            parts.append(f"unexpected keys ({len(unexpected)}): {format_keys(unexpected)}")
         if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {_format_keys(mismatched)}")
+            parts.append(f"shape mismatches ({len(mismatched)}): {format_keys(mismatched)}")
         raise CheckpointMismatchError(
             "the checkpoint does not fit this backbone; " + "; ".join(parts) + ". Blocks per "
             f"stage: checkpoint {_stage_summary(list(state_dict))}, model "
@@ -367,23 +242,26 @@ def load_backbone_checkpoint(
     checkpoint: str,
     prefix: Optional[str] = None,
     use_ema: bool = False,
+    sha256: Optional[str] = None,
 ) -> LoadReport:
     """Loads official VMamba / mmdet / mmseg / plain weights into a VMamba backbone, strictly.
 
     Args:
         model: the backbone.
-        checkpoint: local path or http(s) URL.
+        checkpoint: local path, http(s) URL or mmengine file-backend URI (see ``safe_load``).
         prefix: key prefix of the backbone in the file (e.g. "backbone."); None detects it.
         use_ema: load the EMA weights of an official classification checkpoint.
+        sha256: expected SHA-256 of the file (or its first 8+ hex digits).
 
     Returns:
         A ``LoadReport``.
 
     Raises:
         FileNotFoundError: the file does not exist.
+        DamagedCheckpointError, UnsafeCheckpointError: see ``safe_load``.
         CheckpointMismatchError: keys or shapes do not match.
     """
-    raw, skipped = safe_load(checkpoint)
+    raw, skipped = safe_load(checkpoint, sha256=sha256)
     state_dict = convert_official_keys(extract_state_dict(raw, use_ema=use_ema), prefix=prefix)
     to_load, report = match_state_dict(model, state_dict)
     report.skipped_pickled = skipped
