@@ -52,3 +52,18 @@ def _run_tool(args: List[str], data_root: Path, timeout: int = 600,
 def run_tool():
     """``run_tool(args, data_root, timeout=600, check=True)`` runs a tool in a subprocess."""
     return _run_tool
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory):
+    """{"mask-rcnn": path, "upernet": path}: each demo model after one training iteration."""
+    from tool_test_utils import DET_CONFIG, SEG_CONFIG, SMALL_PIPELINES
+
+    paths = {}
+    for name, config in (("mask-rcnn", DET_CONFIG), ("upernet", SEG_CONFIG)):
+        work_dir = tmp_path_factory.mktemp(f"trained_{name}")
+        _run_tool(["tools/train.py", str(config), "--work-dir", str(work_dir), "--cfg-options",
+                   "train_cfg.max_iters=1", "train_cfg.val_interval=1000",
+                   "default_hooks.checkpoint.interval=1", *SMALL_PIPELINES], tiny_shapes)
+        paths[name] = work_dir / "iter_1.pth"
+    return paths
