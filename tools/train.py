@@ -18,7 +18,9 @@ from typing import List, Optional
 
 from _mm_common import (
     build_runner,
+    check_checkpoint_argument,
     check_data,
+    exit_on_user_error,
     init_toolbox,
     load_config,
     prepare_launcher,
@@ -46,8 +48,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         nargs="?",
         type=str,
         const="auto",
-        help="resume from the given checkpoint, or without a value from the latest checkpoint "
-        "in the work dir",
+        help="resume from the given checkpoint (path or URL), or without a value from the latest "
+        "checkpoint in the work dir",
     )
     parser.add_argument(
         "--cfg-options",
@@ -80,16 +82,23 @@ def setup_config(args: argparse.Namespace):
     if args.amp:
         import torch
 
-        if not torch.cuda.is_available():
-            raise ValueError(
-                "--amp uses mmengine's AmpOptimWrapper, which needs a CUDA device; drop --amp "
-                "on this machine."
-            )
-        if cfg.optim_wrapper.get("type", "OptimWrapper") == "AmpOptimWrapper":
-            print("AMP is already enabled in the config.")
+        amp_types = ("AmpOptimWrapper", "BF16AutocastOptimWrapper")
+        wrapper_type = cfg.optim_wrapper.get("type", "OptimWrapper")
+        if torch.cuda.is_available():
+            # On GPUs keep the OpenMMLab default: fp16 autocast with dynamic loss scaling.
+            if wrapper_type in amp_types:
+                print(f"AMP is already enabled in the config ({wrapper_type}).")
+            else:
+                cfg.optim_wrapper.type = "AmpOptimWrapper"
+                cfg.optim_wrapper.loss_scale = "dynamic"
         else:
-            cfg.optim_wrapper.type = "AmpOptimWrapper"
-            cfg.optim_wrapper.loss_scale = "dynamic"
+            # mmengine's AmpOptimWrapper asserts a GPU; CPUs autocast to bf16, which needs no
+            # loss scaling (vmamba_mm/engine/amp.py). AmpOptimWrapper-only keys are dropped.
+            if wrapper_type == "BF16AutocastOptimWrapper":
+                print("AMP is already enabled in the config (BF16AutocastOptimWrapper).")
+            cfg.optim_wrapper.type = "BF16AutocastOptimWrapper"
+            cfg.optim_wrapper.pop("loss_scale", None)
+            cfg.optim_wrapper.pop("use_fsdp", None)
 
     if args.auto_scale_lr:
         auto = cfg.get("auto_scale_lr")
@@ -104,13 +113,19 @@ def setup_config(args: argparse.Namespace):
         cfg.resume = True
         cfg.load_from = None
     elif args.resume is not None:
-        if not os.path.isfile(args.resume):
-            raise FileNotFoundError(
-                f"checkpoint {args.resume} given to --resume does not exist; pass a checkpoint "
-                "file, or --resume alone to continue from the latest one in the work dir."
-            )
+        check_checkpoint_argument(
+            args.resume, "--resume", "pass a checkpoint file or URL, or --resume alone to "
+            "continue from the latest one in the work dir.")
         cfg.resume = True
         cfg.load_from = args.resume
+
+    # Every checkpoint then carries the random-number states and --resume continues bit-exactly,
+    # whichever mmdet/mmseg config is trained (vmamba_mm/engine/resume.py).
+    hooks = list(cfg.get("custom_hooks") or [])
+    types = [h.get("type") for h in hooks if isinstance(h, dict)]
+    if not any(getattr(t, "__name__", str(t)).split(".")[-1] == "ExactResumeHook"
+               for t in types):
+        cfg.custom_hooks = hooks + [dict(type="ExactResumeHook")]
 
     check_data(cfg, ["train_dataloader", "val_dataloader"] if cfg.get("val_cfg") else
                ["train_dataloader"])
@@ -129,8 +144,8 @@ def main(argv: Optional[List[str]] = None):
         cfg = setup_config(args)
     except (FileNotFoundError, ValueError, TypeError) as err:
         sys.exit(f"error: {err}")
-    runner = build_runner(cfg)
-    return runner.train()
+    # Damaged, unsafe or non-finite checkpoints and unusable images surface inside the Runner.
+    return exit_on_user_error(lambda: build_runner(cfg).train())
 
 
 if __name__ == "__main__":

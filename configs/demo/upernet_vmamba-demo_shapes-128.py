@@ -127,3 +127,6 @@ auto_scale_lr = dict(enable=False, base_batch_size=batch_size)
 
 # Seeded so the demo figures in docs/BENCHMARKS.md are reproducible run to run.
 randomness = dict(seed=0)
+# Random-number states in every checkpoint: --resume continues bit-exactly
+# (vmamba_mm/engine/resume.py; tools/train.py adds this hook to configs that lack it).
+custom_hooks = [dict(type='ExactResumeHook')]

@@ -17,3 +17,12 @@ model = dict(
                       checkpoint="https://github.com/MzeroMiko/VMamba/releases/download/"
                                  "%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth")),
     neck=dict(in_channels=[96, 192, 384, 768]))
+
+# Seeded, so runs repeat and --resume continues bit-exactly (the hook below saves every rank's
+# random-number states in each checkpoint; vmamba_mm/engine/resume.py). diff_rank_seed: rank r
+# seeds its generators with seed + r, so the GPUs draw independent flips, crops and drop paths
+# instead of identical ones; the samplers still share one seed and split the data without overlap.
+# Exact except for the draws inside the persistent data-loader workers of this epoch-based loop:
+# they restart from the seed on resume (set train_dataloader.persistent_workers=False to avoid it).
+randomness = dict(seed=0, diff_rank_seed=True)
+custom_hooks = [dict(type="ExactResumeHook")]

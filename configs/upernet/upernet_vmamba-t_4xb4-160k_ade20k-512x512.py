@@ -23,3 +23,10 @@ model = dict(
     auxiliary_head=dict(in_channels=384))
 
 train_dataloader = dict(batch_size=4)
+
+# Seeded, so runs repeat and --resume continues bit-exactly (the hook below saves every rank's
+# random-number states in each checkpoint; vmamba_mm/engine/resume.py). diff_rank_seed: rank r
+# seeds its generators with seed + r, so the GPUs draw independent flips, crops and drop paths
+# instead of identical ones; the samplers still share one seed and split the data without overlap.
+randomness = dict(seed=0, diff_rank_seed=True)
+custom_hooks = [dict(type="ExactResumeHook")]

@@ -70,8 +70,9 @@ def test_training_options_are_checked(tools, tmp_path: Path) -> None:
 
     work = ["--work-dir", str(tmp_path / "w")]
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="--amp"):
-            tools.train.setup_config(_train_args(tools, *work, "--amp"))
+        cfg = tools.train.setup_config(_train_args(tools, *work, "--amp"))
+        assert cfg.optim_wrapper.type == "BF16AutocastOptimWrapper"
+        assert "loss_scale" not in cfg.optim_wrapper
     with pytest.raises(FileNotFoundError, match="--resume"):
         tools.train.setup_config(_train_args(tools, *work, "--resume", str(tmp_path / "x.pth")))
     cfg = tools.train.setup_config(_train_args(tools, *work, "--auto-scale-lr", "--resume"))

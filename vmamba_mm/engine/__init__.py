@@ -5,6 +5,9 @@ root ``OPTIM_WRAPPER_CONSTRUCTORS`` registry, which mmdet's and mmseg's registri
 their parent.
 """
 
+from .amp import BF16AutocastOptimWrapper
 from .layer_decay import VMambaLayerDecayOptimizerConstructor, get_vmamba_layer_id
+from .resume import ExactResumeHook
 
-__all__ = ["VMambaLayerDecayOptimizerConstructor", "get_vmamba_layer_id"]
+__all__ = ["BF16AutocastOptimWrapper", "ExactResumeHook", "VMambaLayerDecayOptimizerConstructor",
+           "get_vmamba_layer_id"]

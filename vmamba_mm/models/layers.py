@@ -79,6 +79,30 @@ class Permute(nn.Module):
         return f"dims={self.dims}"
 
 
+def layer_norm_float32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """Applies ``norm`` (``nn.LayerNorm`` or ``LayerNorm2d``) in float32, whatever the dtypes.
+
+    The selective scan returns float32 and its output must be normalised in float32 even when the
+    model was converted with ``.to(torch.bfloat16)`` / ``.half()``: the norm's weight and bias
+    are upcast for this call (the module keeps its own dtype). With float32 input and parameters
+    this computes exactly what ``norm(x)`` computes.
+
+    Args:
+        norm: the LayerNorm module; its layout (channel-first for ``LayerNorm2d``) is respected.
+        x: [B, C, H, W] for ``LayerNorm2d``, [..., C] for ``nn.LayerNorm``, any floating dtype.
+
+    Returns:
+        The normalised tensor, same shape as ``x``, float32.
+    """
+    weight = None if norm.weight is None else norm.weight.float()
+    bias = None if norm.bias is None else norm.bias.float()
+    x = x.float()
+    if isinstance(norm, LayerNorm2d):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, weight, bias, norm.eps)
+        return x.permute(0, 3, 1, 2)
+    return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+
+
 def make_norm(dim: int, channel_first: bool) -> nn.LayerNorm:
     """Returns the LayerNorm for the chosen layout (``LayerNorm2d`` or ``nn.LayerNorm``)."""
     return LayerNorm2d(dim, eps=NORM_EPS) if channel_first else nn.LayerNorm(dim, eps=NORM_EPS)

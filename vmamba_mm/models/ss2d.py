@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import cross_merge, cross_merge_channel_last, cross_scan, selective_scan
-from .layers import make_linear, make_norm
+from .layers import layer_norm_float32, make_linear, make_norm
 
 SCAN_BACKENDS = ("auto", "torch", "naive", "triton")
 
@@ -168,7 +168,9 @@ class SS2D(nn.Module):
         else:
             y = cross_merge_channel_last(ys, backend=self.cross_backend)  # [B, L, D]
             y = y.view(batch, height, width, d_inner)
-        y = self.out_norm(y).to(x.dtype)
+        # The scan output is float32; normalise it in float32 even in a bf16/fp16 model (whose
+        # norm parameters are low precision), then return to the activation dtype.
+        y = layer_norm_float32(self.out_norm, y).to(x.dtype)
         if z is not None:
             y = y * z
         return self.out_proj(y)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import load_backbone_checkpoint
+from ..errors import ImageTooSmallError
 from .layers import build_downsample, build_patch_embed, make_norm
 from .ss2d import SCAN_BACKENDS, SS2D
 from .vss_block import VSSBlock
@@ -66,7 +67,7 @@ ARCH_SETTINGS: Dict[str, Dict[str, Any]] = {
 }
 ARCH_KEYS = ("dims", "depths", "d_state", "ssm_ratio", "dt_rank", "mlp_ratio", "gated",
              "conv_bias", "patch_embed", "downsample")
-PRETRAINED_KEYS = ("type", "checkpoint", "prefix", "use_ema", "map_location")
+PRETRAINED_KEYS = ("type", "checkpoint", "prefix", "use_ema", "map_location", "sha256")
 
 
 def resolve_arch(arch: Union[str, Dict[str, Any]]) -> Dict[str, Any]:
@@ -167,7 +168,8 @@ class VMamba(_BaseModule):
         scan_backend: selective-scan backend: "auto", "torch", "naive" or "triton".
         pretrained: deprecated, use ``init_cfg=dict(type="Pretrained", checkpoint=...)``.
         init_cfg: None (the official random init) or ``dict(type="Pretrained",
-            checkpoint=PATH_OR_URL, prefix=None, use_ema=False)``; other mmengine init configs
+            checkpoint=PATH_OR_URL, prefix=None, use_ema=False, sha256=None)`` (``sha256``: the
+            file's expected SHA-256 or its first 8+ hex digits); other mmengine init configs
             need mmengine.
 
     Inputs of any size are accepted; a stage-i map has size ceil(H / 2^(i+2)) x ceil(W / 2^(i+2)).
@@ -296,7 +298,8 @@ class VMamba(_BaseModule):
             self._init_default()
         elif isinstance(cfg, dict) and cfg["type"] == "Pretrained":
             load_backbone_checkpoint(self, cfg["checkpoint"], prefix=cfg.get("prefix"),
-                                     use_ema=bool(cfg.get("use_ema", False)))
+                                     use_ema=bool(cfg.get("use_ema", False)),
+                                     sha256=cfg.get("sha256"))
         else:
             super().init_weights()
         self._is_init = True
@@ -334,10 +337,32 @@ class VMamba(_BaseModule):
 
         Returns:
             One [B, dims[i], ceil(H / 2^(i+2)), ceil(W / 2^(i+2))] map per index of
-            ``out_indices``, taken before stage i's downsample and normed by ``outnorm{i}``.
+            ``out_indices``, taken before stage i's downsample and normed by ``outnorm{i}``,
+            in the parameters' dtype (or autocast's).
+
+        Outside autocast, images of another floating dtype than the parameters (float32 images
+        into a bf16 model) are cast to the parameters' dtype. Raises ``ImageTooSmallError`` for
+        an image with zero height or width; any size from 1x1 up works.
         """
         if x.dim() != 4:
             raise ValueError(f"VMamba expects images [B, C, H, W], got shape {tuple(x.shape)}.")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            # Both stems are convolutions that need at least one pixel; torch's own error
+            # ("Kernel size can't be greater than actual input size") does not name the cause.
+            raise ImageTooSmallError(
+                f"VMamba got an empty image of {x.shape[2]}x{x.shape[3]} pixels (input shape "
+                f"{tuple(x.shape)}); every image needs a height and width of at least 1. Check "
+                "the data pipeline (resize, crop, padding) for a step that produces empty "
+                "images.")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"VMamba expects floating-point images, got {x.dtype}; normalise them (e.g. "
+                "with the data preprocessor) or convert them with x.float().")
+        weight_dtype = self.patch_embed[0].weight.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            # Data preprocessors hand float32 images to a model converted with
+            # .to(torch.bfloat16) / .half(); under autocast the casts are autocast's job.
+            x = x.to(weight_dtype)
         if self._pad_to > 1:
             # The 4x4 stride-4 stem would drop trailing rows/columns; pad them with zeros
             # instead (no-op for sizes divisible by 4, where this equals the official stem).
