@@ -17,8 +17,8 @@ demo: install
 	$(PY) tools/demo.py
 
 bench: install
-	$(PY) tools/bench_scan.py
-	$(PY) tools/bench_backbone.py
+	$(PY) tools/analysis_tools/bench_scan.py
+	$(PY) tools/analysis_tools/bench_backbone.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info work_dirs

@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-from _mm_common import (
+from vmamba_mm.cli import (
     build_runner,
     check_checkpoint_argument,
     check_data,

@@ -125,7 +125,7 @@ def test_convert_tool_refuses_code_and_damage(served, tmp_path: Path) -> None:
     save_code_running(root / "evil.pth", marker)
     damaged = save_benign(root / "damaged.pth")
     damage_largest_record(damaged)
-    tool = runpy.run_path(str(REPO / "tools" / "convert_checkpoint.py"))
+    tool = runpy.run_path(str(REPO / "tools" / "model_converters" / "convert_checkpoint.py"))
     for source in (f"{url}/evil.pth", str(damaged)):
         with pytest.raises(SystemExit) as exit_info:
             tool["main"]([source, str(tmp_path / "out.pth")])

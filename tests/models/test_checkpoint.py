@@ -231,7 +231,7 @@ def test_convert_tool_writes_a_clean_loadable_checkpoint(tmp_path, vanilla_setti
     src = tmp_path / "official.pth"
     dst = tmp_path / "clean.pth"
     torch.save(official_classification_checkpoint(source, old_names=True), src)
-    tool = runpy.run_path(str(REPO / "tools" / "convert_checkpoint.py"))
+    tool = runpy.run_path(str(REPO / "tools" / "model_converters" / "convert_checkpoint.py"))
     with pytest.raises(SystemExit, match="^error: the checkpoint does not fit this backbone"):
         # --arch checks the weights fit that model; the tool reports it in one line.
         tool["main"]([str(src), str(dst), "--arch", "vanilla-tiny"])

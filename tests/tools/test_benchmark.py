@@ -1,4 +1,5 @@
-"""tools/benchmark.py on CPU: synthetic batches in the dataloader format, both modes, bad input."""
+"""tools/analysis_tools/benchmark.py on CPU: synthetic batches in the dataloader format, both
+modes, bad input."""
 
 import importlib.util
 import math
@@ -15,7 +16,8 @@ SMALL_ARCH = dict(dims=8, depths=(1, 1, 1, 1), _delete_=True)
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "tools/benchmark.py")
+    spec = importlib.util.spec_from_file_location(
+        "benchmark", ROOT / "tools/analysis_tools/benchmark.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

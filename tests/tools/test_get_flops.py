@@ -1,4 +1,5 @@
-"""tools/get_flops.py: runs on det and seg configs, and counts the scan by the official formula."""
+"""tools/analysis_tools/get_flops.py: runs on det and seg configs, and counts the scan by the
+official formula."""
 
 import importlib.util
 import math
@@ -15,7 +16,8 @@ K = 4
 
 @pytest.fixture(scope="module")
 def get_flops():
-    spec = importlib.util.spec_from_file_location("get_flops", ROOT / "tools/get_flops.py")
+    spec = importlib.util.spec_from_file_location(
+        "get_flops", ROOT / "tools/analysis_tools/get_flops.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

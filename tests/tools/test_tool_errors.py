@@ -15,8 +15,6 @@ def tools(monkeypatch: pytest.MonkeyPatch, tiny_shapes: Path):
     """The train and test tool modules, imported as the scripts see them, data root set."""
     import importlib.util
 
-    # The scripts import their helper module from their own folder.
-    monkeypatch.syspath_prepend(str(TOOLS))
     monkeypatch.setenv("VMAMBA_MM_SHAPES_ROOT", str(tiny_shapes) + "/")
     modules = {}
     for name in ("train", "test"):

@@ -1,9 +1,9 @@
 """The one safe way vmamba_mm reads a checkpoint, whatever path or scheme it comes from.
 
-Every reader in the package (the backbone's ``Pretrained`` init, ``tools/convert_checkpoint.py``
-and, through :mod:`vmamba_mm.mmengine_compat`, every scheme of mmengine's ``CheckpointLoader``:
-``load_from``, ``--resume``, ``tools/test.py``, ``PretrainedInit``) ends in
-:func:`load_checkpoint_file`, which
+Every reader in the package ends in :func:`load_checkpoint_file`: the backbone's ``Pretrained``
+init, ``tools/model_converters/convert_checkpoint.py`` and, through
+:mod:`vmamba_mm.mmengine_compat`, every scheme of mmengine's ``CheckpointLoader`` (``load_from``,
+``--resume``, ``tools/test.py``, ``PretrainedInit``). It
 
 1. fetches the bytes: a local file; an http(s) URL downloaded once per node into torch hub's
    cache; or another mmengine file backend (``s3://``, ``petrel://``...);
@@ -36,9 +36,9 @@ _OTHER_SCHEME = re.compile(r"^(\S+:)?[A-Za-z][A-Za-z0-9+.-]*://")
 _LEGACY_HINT = (
     "If this is an official VMamba classification checkpoint, load it through the backbone "
     "(init_cfg=dict(type='Pretrained', checkpoint=...)) or convert it with "
-    "tools/convert_checkpoint.py. If it is a Runner checkpoint saved by mmengine without "
-    "vmamba_mm, or another file you trust, re-save its weights as described under 'Checkpoint "
-    "safety' in the README.")
+    "tools/model_converters/convert_checkpoint.py. If it is a Runner checkpoint saved by "
+    "mmengine without vmamba_mm, or another file you trust, re-save its weights as described "
+    "under 'Checkpoint safety' in the README.")
 
 
 def fetch(location: str, backend_args: Optional[dict] = None) -> Tuple[Union[str, BinaryIO], str]:

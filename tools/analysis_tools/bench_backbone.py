@@ -7,7 +7,7 @@ settings. Prints a Markdown table and, with ``--write``, puts it in a "Backbone 
 section at the end of docs/BENCHMARKS.md (replacing that section only, if present).
 
 Usage:
-    python tools/bench_backbone.py [--repeats 3] [--write docs/BENCHMARKS.md]
+    python tools/analysis_tools/bench_backbone.py [--repeats 3] [--write docs/BENCHMARKS.md]
 """
 
 import argparse
@@ -21,9 +21,7 @@ from typing import Callable, List, Tuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vmamba_mm.models import VMamba  # noqa: E402
+from vmamba_mm.models import VMamba
 
 SECTION = "## Backbone forward (CPU)"
 SHAPES: List[Tuple[int, int, int, int]] = [(1, 3, 512, 512), (2, 3, 224, 224)]
@@ -76,8 +74,8 @@ def run(repeats: int) -> str:
     notes = (f"\nMedian of {repeats} runs after one warm-up, `torch.inference_mode`, fp32, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} "
              f"CPU cores ({cpu}); the machine was shared with other jobs, so treat the numbers "
-             "as a same-run comparison. Command: `python tools/bench_backbone.py --write "
-             "docs/BENCHMARKS.md`.\n")
+             "as a same-run comparison. Command: `python "
+             "tools/analysis_tools/bench_backbone.py --write docs/BENCHMARKS.md`.\n")
     return "\n".join(rows) + "\n" + notes
 
 

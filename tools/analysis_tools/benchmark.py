@@ -2,8 +2,9 @@
 
 Usage::
 
-    python tools/benchmark.py CONFIG [--mode infer|train|both] [--shape H [W]] [--batch-size N]
-        [--warmup 5] [--iters 20] [--amp] [--data] [--device cuda|cpu] [--cfg-options k=v ...]
+    python tools/analysis_tools/benchmark.py CONFIG [--mode infer|train|both] [--shape H [W]]
+        [--batch-size N] [--warmup 5] [--iters 20] [--amp] [--data] [--device cuda|cpu]
+        [--cfg-options k=v ...]
 
 What is measured:
 

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python tools/get_flops.py CONFIG [--shape H [W]] [--backbone-only] [--cfg-options k=v ...]
+    python tools/analysis_tools/get_flops.py CONFIG [--shape H [W]] [--backbone-only]
+        [--cfg-options k=v ...]
 
 Counting conventions (those of the official VMamba numbers, spec section 7):
 

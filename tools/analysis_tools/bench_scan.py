@@ -17,8 +17,8 @@ achieved bandwidth, counting the bytes of reading u, delta, B, C once and writin
 fraction of the device's memory bandwidth.
 
 Usage:
-    python tools/bench_scan.py            # all shapes
-    python tools/bench_scan.py --quick    # the acceptance shapes only
+    python tools/analysis_tools/bench_scan.py            # all shapes
+    python tools/analysis_tools/bench_scan.py --quick    # the acceptance shapes only
 """
 
 import argparse

@@ -6,8 +6,8 @@ drops the classifier; writes ``{"state_dict": ..., "meta": ...}`` holding tensor
 Python values only, so ``torch.load(..., weights_only=True)`` and mmengine read it.
 
 Usage:
-    python tools/convert_checkpoint.py official.pth out.pth [--use-ema] [--arch tiny]
-        [--add-prefix backbone.]
+    python tools/model_converters/convert_checkpoint.py official.pth out.pth [--use-ema]
+        [--arch tiny] [--add-prefix backbone.]
 """
 
 import argparse
@@ -17,15 +17,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1])) if __name__ == "__main__" else None
-
-from vmamba_mm.checkpoint import (  # noqa: E402
+from vmamba_mm.checkpoint import (
     convert_official_keys,
     extract_state_dict,
     match_state_dict,
     safe_load,
 )
-from vmamba_mm.errors import USER_ERRORS  # noqa: E402
+from vmamba_mm.errors import USER_ERRORS
 
 
 def parse_args(argv=None) -> argparse.Namespace:

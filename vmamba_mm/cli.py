@@ -1,4 +1,4 @@
-"""Helpers shared by tools/train.py, tools/test.py and tools/demo.py.
+"""Helpers shared by the command-line tools (tools/train.py, tools/test.py, tools/demo.py, ...).
 
 They load a config, tell which toolbox (MMDetection or MMSegmentation) it belongs to, check that
 its data is where the config says, and prepare distributed runs on machines without CUDA.
