@@ -43,4 +43,5 @@ setup(
         "dev": ["pytest", "pytest-xdist", "ruff", "fvcore"],
     },
     license="Apache-2.0",
+    license_files=["LICENSE"],
 )

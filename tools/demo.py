@@ -6,6 +6,11 @@
    mmseg's IoUMetric (mIoU), and paints predictions with the toolboxes' visualizers.
 4. Prints the metrics, the wall time of each step and where the pictures are.
 
+While the tools run, the console shows mmengine's progress lines whole (iteration, learning
+rate, ETA, time per iteration, losses), about ten per training (every ``max_iters // 10``
+iterations, at most 50 apart); everything else the tools print goes to a log file next to the
+checkpoints.
+
 Usage::
 
     python tools/demo.py [--data-root data/shapes] [--work-dir work_dirs/demo] [--seed 0]
@@ -19,9 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -37,6 +44,9 @@ REPORTED = {
     "seg": ["mIoU", "mAcc", "aAcc"],
 }
 DATA_ENV = "VMAMBA_MM_SHAPES_ROOT"
+# An mmengine progress line: "<date> <time> - mmengine - INFO - Iter(train) [ 20/400]  lr: ...".
+# The level name may carry colour codes, hence the lazy match up to the message.
+PROGRESS_LINE = re.compile(r" - mmengine - .*?INFO.*? - ((?:Iter|Epoch)\(.*\S)")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -62,6 +72,44 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def progress_message(line: str) -> Optional[str]:
+    """The message of an mmengine progress line, whole; None for any other line.
+
+    Args:
+        line: one line of a tool's output, e.g. ``"2026/01/02 10:00:00 - mmengine - INFO -
+            Iter(train) [ 20/400]  base_lr: 1.0e-04 lr: 1.0e-04  eta: 0:03:10  time: 0.49
+            ...  loss: 1.23  loss_cls: 0.40 ..."``.
+
+    Returns:
+        The message from ``Iter(`` (or ``Epoch(``) to the end of the line, with the logger's
+        timestamp prefix dropped: ``"Iter(train) [ 20/400]  base_lr: ... loss_cls: 0.40 ..."``.
+    """
+    match = PROGRESS_LINE.search(line)
+    return match.group(1) if match else None
+
+
+def log_interval(iters: int) -> int:
+    """Iterations between two progress lines: about ten lines per training, at most 50 apart.
+
+    Args:
+        iters: the training's iterations.
+
+    Returns:
+        The interval for mmengine's LoggerHook, >= 1.
+    """
+    return max(1, min(50, iters // 10))
+
+
+def _config_iters(config: Path) -> int:
+    """The training iterations a demo config sets (``train_cfg.max_iters``)."""
+    with warnings.catch_warnings():
+        # mmengine imports the deprecated pkg_resources; the tools' own warnings go to their logs.
+        warnings.simplefilter("ignore", UserWarning)
+        from mmengine.config import Config
+
+        return int(Config.fromfile(str(config), import_custom_modules=False).train_cfg.max_iters)
+
+
 def _run(cmd: List[str], env: Dict[str, str], log_file: Path) -> float:
     """Runs a tool, teeing its output to ``log_file``; returns the wall time in seconds."""
     print("$ " + " ".join(cmd), flush=True)
@@ -74,9 +122,13 @@ def _run(cmd: List[str], env: Dict[str, str], log_file: Path) -> float:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            # Only mmengine's own progress lines reach the console; the rest is in the log.
-            if " - mmengine - INFO - Iter(" in line or line.startswith("error"):
-                print("  " + line.rstrip()[-160:], flush=True)
+            # Only mmengine's progress lines and errors reach the console; the rest is in the
+            # log. Progress lines are shown whole: iteration, lr and ETA come first.
+            message = progress_message(line)
+            if message is None and line.startswith("error"):
+                message = line.rstrip()
+            if message is not None:
+                print("  " + message, flush=True)
         code = proc.wait()
     if code != 0:
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
@@ -112,10 +164,13 @@ def run_model(kind: str, args: argparse.Namespace, env: Dict[str, str]) -> Dict[
     config = DEMO_CONFIGS[kind]
     work_dir = Path(args.work_dir) / config.stem
     work_dir.mkdir(parents=True, exist_ok=True)
-    options = ["default_hooks.logger.interval=20"]
     iters = args.det_iters if kind == "det" else args.seg_iters
+    options = []
     if iters is not None:
         options += [f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}"]
+    else:
+        iters = _config_iters(config)
+    options.append(f"default_hooks.logger.interval={log_interval(iters)}")
     train_s = _run(
         [sys.executable, str(TOOLS / "train.py"), str(config), "--work-dir", str(work_dir),
          "--cfg-options", *options],

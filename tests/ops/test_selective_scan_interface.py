@@ -67,9 +67,10 @@ def _bad(name, fn):
     return pytest.param(fn, name, id=name)
 
 
+# Only checks of host values (shapes, dtypes, devices); A's sign is an opt-in value check, tested
+# in test_no_host_sync.py.
 BAD_INPUTS = [
     _bad("delta", lambda v: v.update(delta=v["delta"][..., :-1])),
-    _bad("A", lambda v: v.update(A=v["A"].abs() + 0.1)),
     _bad("A", lambda v: v.update(A=v["A"].double())),
     _bad("A", lambda v: v.update(A=v["A"][:-1])),
     _bad("B", lambda v: v.update(B=v["B"][..., :-1])),

@@ -17,6 +17,12 @@ Backend contract (``<name>_scan.py`` next to this file, imported lazily):
 and ``<name>_scan_forward_fake(...)`` with the forward's signature that returns empty tensors of
 the forward's output shapes (used while tracing). Saved tensors must be fresh tensors, never views
 of the inputs. The "naive" backend is autograd through ``selective_scan_naive`` (tests only).
+
+No host-device synchronisation per call: the input checks read only shapes, dtypes and devices,
+and nothing on the eager path reads a tensor's values on the host (``.item()``, ``bool(tensor)``,
+``.tolist()``, ``.cpu()``, ``nonzero()``...). The one value check, A <= 0, runs only with
+``VMAMBA_MM_DEBUG_CHECKS=1`` (see ``vmamba_mm.ops.debug``); tests/ops/test_no_host_sync.py guards
+this.
 """
 
 import importlib
@@ -24,6 +30,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..debug import ENV_VAR as DEBUG_CHECKS_ENV_VAR
+from ..debug import value_checks_enabled
 from ..triton_env import interpreter_enabled, triton_available
 from .naive import selective_scan_naive
 
@@ -31,8 +39,6 @@ Tensor = torch.Tensor
 
 BACKENDS = ("auto", "triton", "torch", "naive")
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 
 
 def _backend_module(name: str):
@@ -96,7 +102,19 @@ def check_inputs(
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
 ) -> None:
-    """Validates shapes, dtypes, devices and the sign of A; raises ValueError/TypeError."""
+    """Validates the scan's inputs without reading their values (no host-device sync).
+
+    Shapes, dtypes and devices are always checked. The values of A (every entry <= 0) are checked
+    only when ``VMAMBA_MM_DEBUG_CHECKS=1`` (``vmamba_mm.ops.debug``), on any device.
+
+    Args:
+        u, delta, A, B, C, D, delta_bias, delta_softplus: as ``selective_scan``.
+
+    Raises:
+        TypeError: a wrong type or dtype.
+        ValueError: a wrong shape or device, or (debug checks only) an entry of A that is positive
+            or NaN.
+    """
     _check_tensor("u", u, 3, "[batch, K*D, L]")
     batch, channels, length = u.shape
     _check_tensor("delta", delta, 3, "[batch, K*D, L]")
@@ -151,12 +169,29 @@ def check_inputs(
     for name, value in named:
         if value is not None and value.device != u.device:
             raise ValueError(f"{name} is on {value.device} but u is on {u.device}; use one device.")
-    # A > 0 makes the state grow without bound. The check reads the values, so it is skipped
-    # while compiling/exporting (no data there) and on meta tensors.
-    if not torch.compiler.is_compiling() and A.device.type != "meta" and bool((A > 0).any()):
+    # Reading A's values would stall a GPU once per call, so it is opt-in; there are no values
+    # to read while compiling/exporting or on meta tensors.
+    if not torch.compiler.is_compiling() and A.device.type != "meta" and value_checks_enabled():
+        check_decay_rates(A)
+
+
+def check_decay_rates(A: Tensor) -> None:
+    """Raises if A has an entry that is positive or NaN (a host-device sync on a GPU).
+
+    A > 0 makes the state grow without bound; a NaN spreads to every later step.
+
+    Args:
+        A: decay rates, [K*D, N].
+
+    Raises:
+        ValueError: naming how many entries are positive or NaN.
+    """
+    bad = ~(A <= 0)
+    if bool(bad.any()):
         raise ValueError(
-            "A must be <= 0 everywhere (decay rates; VMamba uses A = -exp(A_logs)); got positive "
-            "entries."
+            f"A must be <= 0 everywhere (decay rates; VMamba uses A = -exp(A_logs)); "
+            f"{int(bad.sum())} of its {A.numel()} entries are positive or NaN "
+            f"(checked because {DEBUG_CHECKS_ENV_VAR} is set)."
         )
 
 
@@ -256,7 +291,9 @@ def selective_scan(
     Args:
         u: input, [batch, K*D, L], float32/bfloat16/float16.
         delta: time steps before bias/softplus, [batch, K*D, L], u's dtype.
-        A: decay rates, [K*D, N], float32, every entry <= 0.
+        A: decay rates, [K*D, N], float32, every entry <= 0. Not checked by default: reading
+            the values would be a host-device sync per call on a GPU; set
+            ``VMAMBA_MM_DEBUG_CHECKS=1`` to have them checked (see ``vmamba_mm.ops.debug``).
         B: input projections, [batch, K, N, L], u's dtype; channel c uses group c // D.
         C: output projections, [batch, K, N, L], u's dtype.
         D: skip weights, [K*D] float32, or None.
