@@ -1,303 +1,312 @@
-"""Inference and training throughput (img/s) and peak memory of the model in an mmdet/mmseg config.
+"""Inference (or training, data loading) speed of the model in an mmdet / mmseg config, in img / s.
 
 Usage::
 
-    python tools/analysis_tools/benchmark.py CONFIG [--mode infer|train|both] [--shape H [W]]
-        [--batch-size N] [--warmup 5] [--iters 20] [--amp] [--data] [--device cuda|cpu]
-        [--cfg-options k=v ...]
+    python tools/analysis_tools/benchmark.py CONFIG [CHECKPOINT] [--checkpoint CHECKPOINT]
+        [--task {inference,train,dataloader,dataset}] [--repeat-num N] [--max-iter N]
+        [--log-interval N] [--num-warmup N] [--fuse-conv-bn] [--dataset-type {train,val,test}]
+        [--batch-size N] [--amp] [--synthetic-shape H [W]] [--device {cuda,cpu}]
+        [--work-dir DIR] [--cfg-options key=value ...] [--skip-data-check]
+        [--launcher {none,pytorch,slurm,mpi}]
 
-What is measured:
+The options and the figures are those of mmdet 3.3's ``tools/analysis_tools/benchmark.py``
+(``--task``, ``--max-iter`` 2000, ``--log-interval`` 50, ``--num-warmup`` 5, ``--repeat-num``,
+``--fuse-conv-bn``, ``--dataset-type``, ``--work-dir``, ``--cfg-options``, ``--launcher``), and the
+checkpoint may be given as mmseg 1.2's positional ``CHECKPOINT`` or as mmdet's ``--checkpoint``
+(``--repeat-times``, mmseg's name, is accepted for ``--repeat-num``). Each repeat runs
+``--max-iter`` iterations, the first ``--num-warmup`` untimed, and prints
+``Overall fps: X img / s, times per image: Y ms / img``; the end prints the mean ± standard
+deviation (population, so std² is mmseg's "variance") over the repeats. Differences from mmdet:
 
-* ``infer``: ``model.test_step`` on a batch (data preprocessor, backbone, heads and the
-  post-processing: NMS and mask pasting for detectors, resizing for segmentors), eval mode, no grad.
-* ``train``: ``model.train_step`` (preprocessor, forward with losses, backward, optimizer step built
-  from the config's ``optim_wrapper``), train mode.
-* Each mode runs ``--warmup`` untimed iterations (kernel compilation / autotuning, allocator
-  warm-up) and then ``--iters`` timed ones; throughput = images / wall time, synchronised on CUDA.
-* Peak memory: ``torch.cuda.max_memory_allocated`` during the timed iterations on CUDA; on CPU the
-  process's peak resident set size (which also counts Python and the libraries).
+* ``--task`` defaults to ``inference`` (mmdet's default is ``dataloader``), the purpose of mmseg's
+  tool and of this one; every task reports images per second (mmdet's ``dataloader`` task
+  reports batches per second);
+* the data restart when the dataset is shorter than ``--max-iter`` (the same pictures in every
+  repeat), so every repeat times ``--max-iter - --num-warmup`` iterations;
+* it runs on CPU too (``--device``), and under ``--launcher`` every process measures its share of
+  the data and the fps of a repeat is the sum over the processes (mmdet refuses more than one).
 
-Inputs are synthetic (random images of ``--shape`` with random boxes/masks or label maps, fixed
-seed) unless ``--data`` is given, in which case batches come from the config's test (infer) or
-train (train) dataloader. Default shapes: 800x1333 for detectors (COCO test scale), the crop size
-(512x512) for segmentors. SyncBN is replaced by BN (single process).
+Weights: the checkpoint is read through mmengine's checkpoint loading after ``import vmamba_mm``
+(checksums, weights-only unpickling) and must fit the model. Without a checkpoint the model keeps
+its random initialisation (the config's ``init_cfg`` is not applied either); the tool says so. An
+untrained detector keeps different numbers of boxes than a trained one, which changes the time of
+NMS and mask pasting, so quote detector figures measured with trained weights.
+
+Additions kept from the earlier tool: ``--task train`` (``model.train_step``: forward with
+losses, backward and the optimizer step of the config's ``optim_wrapper``, on the train
+dataloader), ``--amp`` (fp16 autocast on CUDA, bf16 on CPU; for training mmengine's
+``AmpOptimWrapper`` on CUDA and ``BF16AutocastOptimWrapper`` on CPU), ``--synthetic-shape H [W]``
+(random images of that size, with random boxes/masks or label maps for training, instead of the
+config's data), ``--batch-size`` (default 1 for inference, as mmdet and mmseg; the config's
+otherwise) and ``--device``. Memory: peak CUDA memory allocated, or the process's peak RSS on CPU.
+
+``--work-dir DIR`` writes ``benchmark_<timestamp>.log`` (the printed lines) and
+``fps_<timestamp>.json`` (per-repeat fps, mean, std and variance) there.
 """
 
+from __future__ import annotations
+
 import argparse
-import resource
+import json
+import os
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
-import numpy as np
-import torch
-import torch.nn as nn
-
-DEFAULT_SHAPES = {"mmdet": (800, 1333), "mmseg": (512, 512)}
-
-
-@dataclass
-class BenchResult:
-    """Throughput and memory of one mode.
-
-    Attributes:
-        mode: ``"infer"`` or ``"train"``.
-        images_per_s: images processed per second over the timed iterations.
-        seconds_per_iter: mean wall time of one iteration.
-        peak_memory_mb: peak CUDA memory allocated (MiB), or the process's peak RSS on CPU.
-        memory_kind: ``"cuda_allocated"`` or ``"cpu_peak_rss"``.
-        batch_size, shape, iters: the measured setting.
-    """
-
-    mode: str
-    images_per_s: float
-    seconds_per_iter: float
-    peak_memory_mb: float
-    memory_kind: str
-    batch_size: int
-    shape: Tuple[int, int]
-    iters: int
-
-
-def _det_sample(shape: Tuple[int, int], num_classes: int, rng: np.random.Generator, train: bool):
-    from mmdet.structures import DetDataSample
-    from mmdet.structures.mask import BitmapMasks
-    from mmengine.structures import InstanceData
-
-    h, w = shape
-    sample = DetDataSample(metainfo=dict(img_id=0, img_path="<synthetic>", img_shape=(h, w),
-                                         ori_shape=(h, w), scale_factor=(1.0, 1.0), flip=False,
-                                         flip_direction=None))
-    if train:
-        n = 5
-        x0 = rng.uniform(0, w * 0.7, n)
-        y0 = rng.uniform(0, h * 0.7, n)
-        x1 = np.minimum(x0 + rng.uniform(16, w * 0.3 + 16, n), w)
-        y1 = np.minimum(y0 + rng.uniform(16, h * 0.3 + 16, n), h)
-        boxes = np.stack([x0, y0, x1, y1], 1).astype(np.float32)
-        masks = np.zeros((n, h, w), dtype=np.uint8)
-        for i, (a, b, c, d) in enumerate(boxes.astype(int)):
-            masks[i, b:d, a:c] = 1
-        gt = InstanceData()
-        gt.bboxes = torch.from_numpy(boxes)
-        gt.labels = torch.from_numpy(rng.integers(0, num_classes, n))
-        gt.masks = BitmapMasks(masks, h, w)
-        sample.gt_instances = gt
-        sample.ignored_instances = InstanceData(bboxes=torch.zeros(0, 4))
-    return sample
-
-
-def _seg_sample(shape: Tuple[int, int], num_classes: int, rng: np.random.Generator, train: bool):
-    from mmengine.structures import PixelData
-    from mmseg.structures import SegDataSample
-
-    h, w = shape
-    sample = SegDataSample(metainfo=dict(img_path="<synthetic>", img_shape=(h, w),
-                                         ori_shape=(h, w), pad_shape=(h, w),
-                                         padding_size=(0, 0, 0, 0), flip=False))
-    if train:
-        label = torch.from_numpy(rng.integers(0, num_classes, (1, h, w)))
-        sample.gt_sem_seg = PixelData(data=label)
-    return sample
-
-
-def _num_classes(cfg) -> int:
-    model = cfg.model
-    if "roi_head" in model:
-        return int(model.roi_head.bbox_head.num_classes)
-    if "decode_head" in model:
-        return int(model.decode_head.num_classes)
-    raise ValueError("the config's model has neither roi_head nor decode_head; benchmark.py "
-                     "supports Mask R-CNN-style detectors and encoder-decoder segmentors.")
-
-
-def synthetic_batches(cfg, scope: str, shape: Tuple[int, int], batch_size: int,
-                      train: bool) -> Iterator[dict]:
-    """Yields the same random batch forever, in the format the config's data loaders produce.
-
-    Args:
-        cfg: the loaded config (for the number of classes).
-        scope: ``"mmdet"`` or ``"mmseg"``.
-        shape: (H, W) of every image.
-        batch_size: images per batch.
-        train: add ground truth (boxes, labels, masks / label maps).
-
-    Yields:
-        ``dict(inputs=[uint8 tensor [3, H, W]] * B, data_samples=[...] * B)``.
-    """
-    rng = np.random.default_rng(0)
-    make = _det_sample if scope == "mmdet" else _seg_sample
-    classes = _num_classes(cfg)
-    batch = dict(
-        inputs=[torch.from_numpy(rng.integers(0, 256, (3, *shape), dtype=np.uint8))
-                for _ in range(batch_size)],
-        data_samples=[make(shape, classes, rng, train) for _ in range(batch_size)])
-    while True:
-        yield batch
-
-
-def dataset_batches(cfg, train: bool, batch_size: int) -> Iterator[dict]:
-    """Yields batches of the config's train or test dataloader, cycling forever."""
-    from mmengine.runner import Runner
-
-    loader_cfg = dict(cfg.train_dataloader if train else cfg.test_dataloader)
-    loader_cfg["batch_size"] = batch_size
-    loader = Runner.build_dataloader(loader_cfg, seed=0)
-    while True:
-        yield from loader
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _run(step, batches: Iterator[dict], warmup: int, iters: int,
-         device: torch.device) -> Tuple[float, float, str]:
-    for _ in range(warmup):
-        step(next(batches))
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        step(next(batches))
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    if device.type == "cuda":
-        return elapsed, torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocated"
-    # ru_maxrss is KiB on Linux.
-    return elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
-
-
-def benchmark(cfg, mode: str = "infer", shape: Optional[Tuple[int, int]] = None,
-              batch_size: Optional[int] = None, warmup: int = 5, iters: int = 20,
-              amp: bool = False, use_data: bool = False,
-              device: Optional[str] = None) -> BenchResult:
-    """Measures one mode of the model of a loaded config.
-
-    Args:
-        cfg: an mmengine ``Config`` of an mmdet or mmseg model (``default_scope`` set).
-        mode: ``"infer"`` or ``"train"``.
-        shape: (H, W) of the synthetic images; default per toolbox (see the module docstring).
-        batch_size: images per iteration; default 1 for infer, the config's train batch size for
-            train.
-        warmup: untimed iterations first.
-        iters: timed iterations.
-        amp: run under ``torch.autocast`` (bf16 on CPU, fp16 on CUDA); for train (CUDA only) the
-            optimizer wrapper becomes mmengine's ``AmpOptimWrapper``.
-        use_data: take batches from the config's dataloaders instead of synthetic ones.
-        device: ``"cuda"``, ``"cpu"`` or None (CUDA when available).
-
-    Returns:
-        a :class:`BenchResult`.
-    """
-    from mmengine.model.utils import revert_sync_batchnorm
-    from mmengine.optim import build_optim_wrapper
-    from mmengine.registry import MODELS, init_default_scope
-
-    if mode not in ("infer", "train"):
-        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}.")
-    if warmup < 0 or iters < 1:
-        raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}.")
-    scope = cfg.get("default_scope")
-    if scope not in DEFAULT_SHAPES:
-        raise ValueError(f"the config's default_scope is {scope!r}; benchmark.py supports "
-                         f"{sorted(DEFAULT_SHAPES)} configs.")
-    init_default_scope(scope)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device.")
-    train = mode == "train"
-    if batch_size is None:
-        batch_size = int(cfg.train_dataloader.batch_size) if train else 1
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}.")
-    shape = tuple(shape) if shape is not None else DEFAULT_SHAPES[scope]
-
-    model: nn.Module = revert_sync_batchnorm(MODELS.build(cfg.model)).to(dev)
-    model.train(train)
-    if use_data:
-        batches = dataset_batches(cfg, train, batch_size)
-    else:
-        batches = synthetic_batches(cfg, scope, shape, batch_size, train)
-    amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
-
-    if train:
-        wrapper_cfg = dict(cfg.optim_wrapper)
-        if amp:
-            if dev.type != "cuda":
-                raise ValueError("mmengine's AmpOptimWrapper needs a CUDA device; drop --amp for "
-                                 "training on CPU or run with --device cuda.")
-            wrapper_cfg.update(type="AmpOptimWrapper", dtype=amp_dtype)
-        optim_wrapper = build_optim_wrapper(model, wrapper_cfg)
-
-        def step(batch: dict) -> None:
-            model.train_step(batch, optim_wrapper)
-    else:
-        def step(batch: dict) -> None:
-            with torch.no_grad(), torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
-                model.test_step(batch)
-
-    elapsed, memory, kind = _run(step, batches, warmup, iters, dev)
-    return BenchResult(mode=mode, images_per_s=batch_size * iters / elapsed,
-                       seconds_per_iter=elapsed / iters, peak_memory_mb=memory, memory_kind=kind,
-                       batch_size=batch_size, shape=shape, iters=iters)
-
-
-def format_result(result: BenchResult) -> str:
-    """One line per mode, as ``main`` prints it."""
-    memory = "peak CUDA memory" if result.memory_kind == "cuda_allocated" else "peak process RSS"
-    return (f"{result.mode:5s} batch {result.batch_size} @ {result.shape[0]}x{result.shape[1]}: "
-            f"{result.images_per_s:.2f} img/s ({result.seconds_per_iter * 1000:.1f} ms/iter over "
-            f"{result.iters} iters), {memory} {result.peak_memory_mb:.0f} MiB")
+from vmamba_mm.cli import (
+    check_checkpoint_argument,
+    check_data,
+    exit_on_user_error,
+    init_toolbox,
+    load_config,
+    prepare_launcher,
+    toolbox_of,
+)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parses the command line (see the module docstring).
+
+    Args:
+        argv: the arguments; None reads ``sys.argv``.
+
+    Returns:
+        The namespace; ``checkpoint`` holds the positional or the ``--checkpoint`` value.
+    """
     from mmengine.config import DictAction
+
+    from vmamba_mm.benchmarking import DATASET_TYPES, TASKS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("config", help="mmdet / mmseg config file")
-    parser.add_argument("--mode", choices=("infer", "train", "both"), default="both")
-    parser.add_argument("--shape", type=int, nargs="+", default=None,
-                        help="image H W (or one size for a square) of the synthetic inputs")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--amp", action="store_true", help="mixed precision (fp16 CUDA, bf16 CPU)")
-    parser.add_argument("--data", action="store_true",
-                        help="use the config's dataloaders instead of synthetic inputs")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    parser.add_argument("checkpoint", nargs="?", default=None,
+                        help="checkpoint file or URL (mmseg style); without one the weights are "
+                        "the random initialisation")
+    parser.add_argument("--checkpoint", dest="checkpoint_option", metavar="CHECKPOINT",
+                        help="checkpoint file or URL (mmdet style)")
+    parser.add_argument("--task", choices=TASKS, default="inference",
+                        help="what to time (default: inference)")
+    parser.add_argument("--repeat-num", "--repeat-times", type=int, default=1,
+                        help="number of repeats of the measurement (mean ± std over them)")
+    parser.add_argument("--max-iter", type=int, default=2000,
+                        help="iterations per repeat, warm-up included")
+    parser.add_argument("--log-interval", type=int, default=50, help="interval of logging")
+    parser.add_argument("--num-warmup", type=int, default=5,
+                        help="untimed iterations at the start of every repeat")
+    parser.add_argument("--fuse-conv-bn", action="store_true",
+                        help="fold BatchNorm into the preceding convolutions (--task inference)")
+    parser.add_argument("--dataset-type", choices=DATASET_TYPES, default="test",
+                        help="dataloader read by --task dataloader / dataset")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per iteration (default: 1 for inference, else the config's)")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: fp16 on CUDA, bf16 on CPU")
+    parser.add_argument("--synthetic-shape", type=int, nargs="+", default=None, metavar=("H", "W"),
+                        help="feed random images of this size (one value: square) instead of the "
+                        "config's data")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="default: cuda when available")
+    parser.add_argument("--work-dir",
+                        help="directory for the benchmark log and the fps JSON file")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction,
-                        help="override config settings, e.g. model.backbone.scan_backend=torch")
-    args = parser.parse_args(argv)
-    if args.shape is not None and len(args.shape) not in (1, 2):
-        parser.error("--shape takes one size (square) or two: H W")
+                        help="override settings of the config, key=value (xxx=a,b or xxx=[a,b] "
+                        "for lists)")
+    parser.add_argument("--skip-data-check", action="store_true",
+                        help="do not check before the run that the config's data_root, ann_file "
+                        "and data_prefix exist locally")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"],
+                        default="none", help="job launcher")
+    # torch.distributed.launch passes --local-rank (older torch: --local_rank).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    # Intermixed: the optional CHECKPOINT may follow options (`CONFIG --task train CHECKPOINT`).
+    args = parser.parse_intermixed_args(argv)
+    if args.checkpoint_option is not None:
+        if args.checkpoint is not None and args.checkpoint != args.checkpoint_option:
+            parser.error(f"two checkpoints given: {args.checkpoint} and --checkpoint "
+                         f"{args.checkpoint_option}; pass one.")
+        args.checkpoint = args.checkpoint_option
+    if args.synthetic_shape is not None:
+        if len(args.synthetic_shape) not in (1, 2):
+            parser.error("--synthetic-shape takes one size (square) or two: H W")
+        args.synthetic_shape = tuple(args.synthetic_shape) * (3 - len(args.synthetic_shape))
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> List[BenchResult]:
-    from mmengine.config import Config
+def options_of(args: argparse.Namespace):
+    """The :class:`vmamba_mm.benchmarking.BenchmarkOptions` of the command line."""
+    from vmamba_mm.benchmarking import BenchmarkOptions
 
+    return BenchmarkOptions(
+        task=args.task, checkpoint=args.checkpoint, max_iter=args.max_iter,
+        log_interval=args.log_interval, num_warmup=args.num_warmup, repeat_num=args.repeat_num,
+        fuse_conv_bn=args.fuse_conv_bn, dataset_type=args.dataset_type,
+        batch_size=args.batch_size, amp=args.amp, synthetic_shape=args.synthetic_shape,
+        device=args.device)
+
+
+def _init_distributed(cfg, launcher: str, device: Optional[str]) -> None:
+    """Starts the process group where ``prepare_launcher`` leaves it to mmengine (CUDA)."""
+    import torch.distributed as dist
+    from mmengine.dist import init_dist
+
+    if launcher == "none" or dist.is_initialized():
+        return
+    dist_cfg = dict(cfg.get("env_cfg", {}).get("dist_cfg", {}))
+    if device == "cpu":
+        dist_cfg["backend"] = "gloo"
+    init_dist(launcher, **dist_cfg)
+
+
+def setup(args: argparse.Namespace):
+    """Checks the command line and prepares the config, the toolbox and the processes.
+
+    Args:
+        args: from :func:`parse_args`.
+
+    Returns:
+        (the mmengine ``Config``, the ``BenchmarkOptions``).
+
+    Raises:
+        FileNotFoundError: the config, the checkpoint or the config's data is missing.
+        ValueError: options that do not fit together or do not fit the config.
+    """
+    import torch
+    from mmengine.utils.dl_utils import set_multi_processing
+
+    options = options_of(args)
+    options.check()
+    if args.checkpoint is not None:
+        check_checkpoint_argument(
+            args.checkpoint, "benchmark.py", "pass a file written by tools/train.py (e.g. "
+            "work_dirs/<config name>/iter_N.pth) or its URL, or no checkpoint to time the "
+            "randomly initialised model.")
+    if args.work_dir is not None and Path(args.work_dir).exists() \
+            and not Path(args.work_dir).is_dir():
+        raise ValueError(f"work dir {args.work_dir} exists and is not a directory; choose "
+                         "another --work-dir.")
+    cfg = load_config(args.config, args.cfg_options)
+    init_toolbox(toolbox_of(cfg))
+    if options.task == "dataset" or options.synthetic_shape is None:
+        loader = {"inference": "test_dataloader", "train": "train_dataloader"}.get(
+            options.task, f"{options.dataset_type}_dataloader")
+        if not cfg.get(loader):
+            raise ValueError(f"the config has no {loader} for --task {options.task}; choose "
+                             "another --dataset-type or pass --synthetic-shape.")
+        if not args.skip_data_check:
+            check_data(cfg, [loader])
+    prepare_launcher(cfg, args.launcher)
+    _init_distributed(cfg, args.launcher, args.device)
+    env_cfg = cfg.get("env_cfg") or {}
+    if env_cfg.get("cudnn_benchmark"):
+        torch.backends.cudnn.benchmark = True
+    # As the Runner does: OpenCV threads and OMP/MKL threads per process from env_cfg.mp_cfg.
+    set_multi_processing(**(env_cfg.get("mp_cfg") or {}),
+                         distributed=args.launcher != "none")
+    return cfg, options
+
+
+class Report:
+    """Prints the benchmark's lines on rank 0 and keeps them for the ``--work-dir`` files.
+
+    Args:
+        rank: this process's rank; only rank 0 prints and writes.
+    """
+
+    def __init__(self, rank: int = 0) -> None:
+        self.rank = rank
+        self.lines: List[str] = []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        if self.rank == 0:
+            print(line, flush=True)
+
+    def save(self, work_dir: str, config: str, checkpoint: Optional[str], result) -> Path:
+        """Writes ``benchmark_<timestamp>.log`` and ``fps_<timestamp>.json`` into ``work_dir``.
+
+        Returns:
+            The path of the JSON file.
+        """
+        import numpy as np
+
+        timestamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
+        out = Path(work_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"benchmark_{timestamp}.log").write_text("\n".join(self.lines) + "\n")
+        record = dict(config=config, checkpoint=checkpoint, task=result.task, unit="img / s",
+                      batch_size=result.batch_size, timed_iters=result.timed_iters,
+                      world_size=result.world_size)
+        for index, fps in enumerate(result.fps, 1):
+            record[f"overall_fps_{index}"] = round(fps, 4)
+        record.update(average_fps=round(result.mean_fps, 4), fps_std=round(result.std_fps, 4),
+                      fps_variance=round(float(np.var(result.fps)), 6),
+                      peak_memory_mb=result.peak_memory_mb, memory_kind=result.memory_kind)
+        if result.transform_ms:
+            record["transform_ms"] = result.transform_ms
+        path = out / f"fps_{timestamp}.json"
+        path.write_text(json.dumps(record, indent=4) + "\n")
+        return path
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    """Runs the benchmark; errors in the command line, the files or the data exit with a message.
+
+    Args:
+        argv: the arguments; None reads ``sys.argv``.
+
+    Returns:
+        The :class:`vmamba_mm.benchmarking.BenchmarkResult`.
+    """
     args = parse_args(argv)
-    if not Path(args.config).is_file():
-        raise FileNotFoundError(f"config file {args.config!r} does not exist; pass the path of a "
-                                "config such as configs/maskrcnn_vmamba.py.")
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    shape = None
-    if args.shape is not None:
-        shape = tuple(args.shape) * (2 if len(args.shape) == 1 else 1)
-    modes: Dict[str, List[str]] = {"both": ["infer", "train"]}
-    results = []
-    for mode in modes.get(args.mode, [args.mode]):
-        result = benchmark(cfg, mode, shape, args.batch_size, args.warmup, args.iters, args.amp,
-                           args.data, args.device)
-        print(f"{args.config}: {format_result(result)}", flush=True)
-        results.append(result)
-    return results
+    try:
+        cfg, options = setup(args)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        _close_process_group(wait=False)
+        sys.exit(f"error: {' '.join(str(err).split())}")
+    try:
+        result = exit_on_user_error(lambda: _run(cfg, options, args))
+    except SystemExit:
+        # The other processes may never reach a barrier after this one's error.
+        _close_process_group(wait=False)
+        raise
+    _close_process_group(wait=True)
+    return result
+
+
+def _close_process_group(wait: bool) -> None:
+    """Closes the process group a launcher started (after a barrier when the run went well).
+
+    Left to the interpreter's exit, a gloo group's threads may still run while the process is
+    torn down.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(cfg, options, args: argparse.Namespace):
+    from mmengine.dist import get_rank
+
+    from vmamba_mm.benchmarking import Benchmark, BenchmarkInputError
+
+    report = Report(get_rank())
+    try:
+        result = Benchmark(cfg, options, log=report).run()
+    except BenchmarkInputError as err:
+        sys.exit(f"error: {' '.join(str(err).split())}")
+    if args.work_dir is not None and report.rank == 0:
+        path = report.save(args.work_dir, args.config, args.checkpoint, result)
+        report(f"Saved the figures to {path}")
+    return result
 
 
 if __name__ == "__main__":
