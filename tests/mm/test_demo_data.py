@@ -1,4 +1,4 @@
-"""The synthetic shapes dataset: determinism, COCO/ADE-style formats, loading by mmdet/mmseg."""
+"""The synthetic shapes dataset: determinism, demo/COCO/ADE20K layouts, loading by mmdet/mmseg."""
 
 import json
 import subprocess
@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vmamba_mm.datasets import SEG_CLASSES, SHAPE_CLASSES, generate_shapes_dataset, load_meta
+from vmamba_mm.datasets import (
+    COCO_CATEGORIES,
+    LAYOUTS,
+    SEG_CLASSES,
+    SHAPE_CLASSES,
+    generate_shapes_dataset,
+    load_meta,
+)
 
 PIL = pytest.importorskip("PIL.Image")
 mask_utils = pytest.importorskip("pycocotools.mask")
@@ -212,3 +219,120 @@ def test_dataset_of_an_older_generator_version_is_regenerated(tmp_path: Path) ->
     summary = generate_shapes_dataset(root, seed=0, **params)
     assert not summary["reused"]
     assert load_meta(root)["format_version"] == meta["format_version"]
+
+
+@pytest.fixture(scope="module")
+def coco_and_ade_roots(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    roots = {}
+    for layout in ("coco", "ade"):
+        roots[layout] = tmp_path_factory.mktemp(layout)
+        generate_shapes_dataset(roots[layout], seed=3, layout=layout, **SMALL)
+    return roots
+
+
+def test_coco_layout_matches_coco_2017_and_holds_the_same_pictures(
+    shapes_root: Path, coco_and_ade_roots: dict
+) -> None:
+    root = coco_and_ade_roots["coco"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "annotations", "meta.json", "train2017", "val2017"]
+    ours = json.loads((shapes_root / "annotations" / "instances_val.json").read_text())
+    coco = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    assert [(c["id"], c["name"]) for c in coco["categories"]] == [
+        (i, n) for i, n, _ in COCO_CATEGORIES]
+    assert len(coco["categories"]) == 80 and len({c["id"] for c in coco["categories"]}) == 80
+    assert [img["file_name"] for img in coco["images"]] == [
+        f"{i:012d}.jpg" for i in range(1, SMALL["num_val"] + 1)]
+    # Same pictures and instances as the demo layout, under COCO's category ids.
+    new_ids = dict(zip((1, 2, 3), LAYOUTS["coco"].category_ids))
+    assert [dict(a, category_id=new_ids[a["category_id"]]) for a in ours["annotations"]] == \
+        coco["annotations"]
+    for ours_img, coco_img in zip(ours["images"], coco["images"]):
+        assert (shapes_root / "images" / "val" / ours_img["file_name"]).read_bytes() == \
+            (root / "val2017" / coco_img["file_name"]).read_bytes()
+
+
+def test_ade_layout_follows_ade20k_names_and_label_convention(
+    shapes_root: Path, coco_and_ade_roots: dict
+) -> None:
+    root = coco_and_ade_roots["ade"]
+    assert sorted(p.name for p in root.iterdir()) == ["ADEChallengeData2016", "meta.json"]
+    ade = root / "ADEChallengeData2016"
+    for split, short, count in (("training", "train", SMALL["num_train"]),
+                                ("validation", "val", SMALL["num_val"])):
+        names = [f"ADE_{short}_{i:08d}" for i in range(1, count + 1)]
+        assert sorted(p.stem for p in (ade / "images" / split).glob("*.jpg")) == names
+        assert sorted(p.stem for p in (ade / "annotations" / split).glob("*.png")) == names
+    demo = np.array(PIL.open(shapes_root / "seg" / "train" / "000000.png"))
+    labels = np.array(PIL.open(ade / "annotations" / "training" / "ADE_train_00000001.png"))
+    to_ade = dict(zip(LAYOUTS["shapes"].seg_values, LAYOUTS["ade"].seg_values))
+    assert np.array_equal(np.vectorize(to_ade.get)(demo), labels)
+
+
+def test_mmdet_and_mmseg_load_the_coco_and_ade_layouts_with_their_stock_settings(
+    coco_and_ade_roots: dict
+) -> None:
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmseg")
+    from mmdet.datasets import CocoDataset
+    from mmengine.registry import DefaultScope
+    from mmseg.datasets import ADE20KDataset
+
+    # The dataset arguments of mmdet's coco_instance.py and mmseg's ade20k.py base configs.
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        det = CocoDataset(
+            data_root=str(coco_and_ade_roots["coco"]),
+            ann_file="annotations/instances_train2017.json",
+            data_prefix=dict(img="train2017/"),
+            filter_cfg=dict(filter_empty_gt=True, min_size=32),
+            pipeline=[dict(type="LoadImageFromFile"),
+                      dict(type="LoadAnnotations", with_bbox=True, with_mask=True)],
+        )
+    assert len(det) == SMALL["num_train"]
+    classes = CocoDataset.METAINFO["classes"]
+    expected = {classes.index(n) for n in ("sports ball", "tv", "kite")}
+    labels = set()
+    for index in range(len(det)):
+        labels |= set(det[index]["gt_bboxes_labels"].tolist())
+    assert labels and labels <= expected
+
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        seg = ADE20KDataset(
+            data_root=str(coco_and_ade_roots["ade"] / "ADEChallengeData2016"),
+            data_prefix=dict(img_path="images/validation", seg_map_path="annotations/validation"),
+            pipeline=[dict(type="LoadImageFromFile"),
+                      dict(type="LoadAnnotations", reduce_zero_label=True)],
+        )
+    assert len(seg) == SMALL["num_val"]
+    ade_classes = ADE20KDataset.METAINFO["classes"]
+    names = {ade_classes[v - 1] for v in LAYOUTS["ade"].seg_values}
+    assert names == {"wall", "ball", "box", "flag"}
+    found = set(np.unique(seg[0]["gt_seg_map"]).tolist())
+    assert 0 in found and found <= {v - 1 for v in LAYOUTS["ade"].seg_values}
+
+
+def test_switching_layouts_replaces_the_old_layout_and_unknown_layouts_are_refused(
+    tmp_path: Path
+) -> None:
+    root = tmp_path / "data"
+    params = dict(SMALL, num_train=1, num_val=1)
+    generate_shapes_dataset(root, seed=0, layout="coco", **params)
+    assert generate_shapes_dataset(root, seed=0, layout="coco", **params)["reused"]
+    with pytest.raises(ValueError, match="other parameters"):
+        generate_shapes_dataset(root, seed=0, layout="ade", **params)
+    generate_shapes_dataset(root, seed=0, layout="ade", overwrite=True, **params)
+    assert sorted(p.name for p in root.iterdir()) == ["ADEChallengeData2016", "meta.json"]
+    assert load_meta(root)["layout"] == "ade"
+    with pytest.raises(ValueError, match="layout 'voc'"):
+        generate_shapes_dataset(tmp_path / "voc", layout="voc", **params)
+
+
+def test_command_line_writes_the_coco_layout(tmp_path: Path) -> None:
+    out = tmp_path / "coco"
+    cmd = [sys.executable, "-m", "vmamba_mm.datasets", "--out", str(out), "--layout", "coco",
+           "--num-train", "2", "--num-val", "1", "--image-size", "48"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    summary = json.loads(done.stdout)
+    assert summary["layout"] == "coco" and summary["val"]["images"] == 1
+    assert (out / "annotations" / "instances_train2017.json").is_file()
+    assert len(list((out / "train2017").glob("*.jpg"))) == 2

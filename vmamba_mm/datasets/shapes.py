@@ -7,8 +7,9 @@ and placements that would leave any shape less than half visible are redrawn. Th
 is a pure function of its parameters and the seed, so the demo and the tests see the same pictures
 on every machine.
 
-Written layout (``root`` is the output directory)::
+Written layouts (``root`` is the output directory; details in ``layouts.py``)::
 
+    layout="shapes" (the demo's)
     root/images/{train,val}/000000.jpg        RGB pictures shared by both formats
     root/annotations/instances_{train,val}.json
                                                COCO instances: polygons for fully visible shapes,
@@ -18,10 +19,22 @@ Written layout (``root`` is the output directory)::
     root/seg/{train,val}/000000.png            ADE-style uint8 label maps: 0 = unlabeled (ADE's
                                                "other", mapped to 255 by reduce_zero_label),
                                                1 = background, 2 = circle, 3 = square, 4 = triangle
+
+    layout="coco" (COCO 2017's, for the configs in configs/mask_rcnn)
+    root/annotations/instances_{train,val}2017.json   all 80 COCO categories; the shapes are
+                                               "sports ball", "tv" and "kite"
+    root/{train,val}2017/000000000001.jpg
+
+    layout="ade" (ADE20K's, for the configs in configs/upernet)
+    root/ADEChallengeData2016/images/{training,validation}/ADE_{train,val}_00000001.jpg
+    root/ADEChallengeData2016/annotations/{training,validation}/ADE_{train,val}_00000001.png
+                                               ADE's labels: 0 = other, background = wall (1),
+                                               ball (120), box (42), flag (150)
+
     root/meta.json                             the generation parameters (used to reuse a dataset)
 
-With ``reduce_zero_label=True`` (ADE20K's convention) the semantic classes become
-``SEG_CLASSES = ("background", "circle", "square", "triangle")`` with ids 0..3.
+With ``reduce_zero_label=True`` (ADE20K's convention) the semantic classes of the "shapes" layout
+become ``SEG_CLASSES = ("background", "circle", "square", "triangle")`` with ids 0..3.
 """
 
 from __future__ import annotations
@@ -35,14 +48,14 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from .layouts import LAYOUTS, Layout
+
 SHAPE_CLASSES: Tuple[str, ...] = ("circle", "square", "triangle")
 SEG_CLASSES: Tuple[str, ...] = ("background",) + SHAPE_CLASSES
 # Colours used to draw label maps and predictions (one per class, RGB).
 SHAPE_PALETTE: List[Tuple[int, int, int]] = [(220, 20, 60), (0, 130, 230), (250, 170, 30)]
 SEG_PALETTE: List[Tuple[int, int, int]] = [(40, 40, 40)] + SHAPE_PALETTE
 
-# The label value of "background" in the PNGs; 0 stays free for ADE's unlabeled pixels.
-SEG_BACKGROUND_VALUE = 1
 SPLITS: Tuple[str, ...] = ("train", "val")
 META_FILE = "meta.json"
 FORMAT_VERSION = 2
@@ -288,7 +301,15 @@ def _bbox_of(mask: np.ndarray) -> List[float]:
     return [x0, y0, float(xs.max() + 1 - x0), float(ys.max() + 1 - y0)]
 
 
-def _check_out_dir(root: Path, cfg: ShapesConfig, overwrite: bool) -> bool:
+def _wanted_meta(cfg: ShapesConfig, layout: Layout) -> Dict[str, Any]:
+    """The meta.json content of a dataset with these parameters (the demo layout names none)."""
+    meta: Dict[str, Any] = {"format_version": FORMAT_VERSION, **asdict(cfg)}
+    if layout.name != "shapes":
+        meta["layout"] = layout.name
+    return meta
+
+
+def _check_out_dir(root: Path, cfg: ShapesConfig, layout: Layout, overwrite: bool) -> bool:
     """Decides whether ``root`` can be written. Returns True when it already holds this dataset."""
     if root.exists() and not root.is_dir():
         raise ValueError(f"output path {root} exists and is not a directory; choose another --out.")
@@ -306,8 +327,7 @@ def _check_out_dir(root: Path, cfg: ShapesConfig, overwrite: bool) -> bool:
         raise ValueError(
             f"{meta_path} is not valid JSON ({err}); delete {root} or pass overwrite=True."
         ) from err
-    wanted = {"format_version": FORMAT_VERSION, **asdict(cfg)}
-    if meta == wanted and not overwrite:
+    if meta == _wanted_meta(cfg, layout) and not overwrite:
         return True
     # A dataset written by an older version of this generator is ours to replace.
     outdated = meta.get("format_version") != FORMAT_VERSION
@@ -316,7 +336,8 @@ def _check_out_dir(root: Path, cfg: ShapesConfig, overwrite: bool) -> bool:
             f"{root} holds a shapes dataset generated with other parameters ({meta}); pass "
             "overwrite=True (--overwrite) to regenerate it or choose another directory."
         )
-    for sub in ("images", "annotations", "seg"):
+    old_layout = LAYOUTS.get(meta.get("layout", "shapes"), layout)
+    for sub in set(old_layout.owned) | set(layout.owned):
         shutil.rmtree(root / sub, ignore_errors=True)
     meta_path.unlink()
     return False
@@ -333,23 +354,31 @@ def generate_shapes_dataset(
     min_scale: float = 0.2,
     max_scale: float = 0.45,
     overwrite: bool = False,
+    layout: str = "shapes",
 ) -> Dict[str, Any]:
-    """Writes the shapes dataset (COCO instances + ADE-style label maps) into ``out_dir``.
+    """Writes the shapes dataset into ``out_dir`` in the demo's, COCO's or ADE20K's layout.
 
     A directory that already holds a dataset with exactly these parameters is reused as it is;
     a non-empty directory holding anything else is refused unless ``overwrite`` is set (and then
-    only the dataset's own sub-directories and ``meta.json`` are replaced).
+    only the dataset's own sub-directories and ``meta.json`` are replaced). The pictures depend
+    only on the parameters and the seed, not on the layout.
 
     Args:
-        out_dir: Output directory (created if missing).
+        out_dir: Output directory (created if missing). For the configs' default data roots:
+            ``data/shapes`` (layout "shapes"), ``data/coco`` ("coco"), ``data/ade`` ("ade").
         seed, num_train, num_val, image_size, min_shapes, max_shapes, min_scale, max_scale:
             See :class:`ShapesConfig`.
         overwrite: Regenerate a dataset made with other parameters.
+        layout: "shapes" (COCO instances and label maps side by side, for configs/demo),
+            "coco" (COCO 2017's layout) or "ade" (ADE20K's); see ``layouts.py``.
 
     Returns:
-        Summary dict: ``root``, ``reused`` (bool), per split ``images`` and ``instances`` counts,
-        and the parameters.
+        Summary dict: ``root``, ``layout``, ``reused`` (bool), per split ``images`` and
+        ``instances`` counts, and the parameters.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {sorted(LAYOUTS)}.")
+    spec = LAYOUTS[layout]
     cfg = ShapesConfig(
         seed=seed,
         num_train=num_train,
@@ -362,44 +391,45 @@ def generate_shapes_dataset(
     )
     cfg.validate()
     root = Path(out_dir)
-    reused = _check_out_dir(root, cfg, overwrite)
-    summary: Dict[str, Any] = {"root": str(root), "reused": reused, "params": asdict(cfg)}
+    reused = _check_out_dir(root, cfg, spec, overwrite)
+    summary: Dict[str, Any] = {
+        "root": str(root), "layout": layout, "reused": reused, "params": asdict(cfg)}
     if reused:
-        for split in SPLITS:
-            coco = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
-            summary[split] = {"images": len(coco["images"]), "instances": len(coco["annotations"])}
+        summary.update(_count_split_files(root, spec))
         return summary
 
     from PIL import Image
 
     counts = {"train": cfg.num_train, "val": cfg.num_val}
     size = cfg.image_size
+    background_value = spec.seg_values[0]
     for split_index, split in enumerate(SPLITS):
-        image_dir = root / "images" / split
-        seg_dir = root / "seg" / split
+        image_dir = root / spec.path(spec.image_dir, split_index, 0)
         image_dir.mkdir(parents=True, exist_ok=True)
-        seg_dir.mkdir(parents=True, exist_ok=True)
-        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        seg_dir = None
+        if spec.label_dir is not None:
+            seg_dir = root / spec.path(spec.label_dir, split_index, 0)
+            seg_dir.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for index in range(counts[split]):
             # One generator per picture: any picture can be regenerated on its own and the
             # splits do not shift when the other split's size changes.
             rng = np.random.default_rng([cfg.seed, split_index, index])
             image, shapes, visible = _compose_image(rng, cfg)
-            name = f"{index:06d}"
-            Image.fromarray(image).save(image_dir / f"{name}.jpg", quality=95)
-            label_map = np.full(image.shape[:2], SEG_BACKGROUND_VALUE, dtype=np.uint8)
+            file_name = spec.path(spec.image_name, split_index, index)
+            Image.fromarray(image).save(image_dir / file_name, quality=95)
+            label_map = np.full(image.shape[:2], background_value, dtype=np.uint8)
             image_id = index + 1
             images.append(
                 {
                     "id": image_id,
-                    "file_name": f"{name}.jpg",
+                    "file_name": file_name,
                     "width": cfg.image_size,
                     "height": cfg.image_size,
                 }
             )
             for shape, seen in zip(shapes, visible):
-                label_map[seen] = SEG_BACKGROUND_VALUE + 1 + shape.label
+                label_map[seen] = spec.seg_values[1 + shape.label]
                 if not seen.any():
                     continue
                 # A polygon describes the shape only when nothing hides it and it lies inside the
@@ -414,28 +444,48 @@ def generate_shapes_dataset(
                     {
                         "id": len(annotations) + 1,
                         "image_id": image_id,
-                        "category_id": shape.label + 1,
+                        "category_id": spec.category_ids[shape.label],
                         "bbox": _bbox_of(seen),
                         "area": float(seen.sum()),
                         "segmentation": segmentation,
                         "iscrowd": 0,
                     }
                 )
-            Image.fromarray(label_map).save(seg_dir / f"{name}.png")
-        coco = {
-            "info": {"description": f"synthetic shapes ({split}), seed {cfg.seed}"},
-            "images": images,
-            "annotations": annotations,
-            "categories": [
-                {"id": i + 1, "name": name, "supercategory": "shape"}
-                for i, name in enumerate(SHAPE_CLASSES)
-            ],
-        }
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-        summary[split] = {"images": len(images), "instances": len(annotations)}
+            if seg_dir is not None:
+                Image.fromarray(label_map).save(seg_dir / (Path(file_name).stem + ".png"))
+        if spec.ann_file is not None:
+            coco = {
+                "info": {"description": f"synthetic shapes ({split}), seed {cfg.seed}"},
+                "images": images,
+                "annotations": annotations,
+                "categories": [
+                    {"id": cat_id, "name": name, "supercategory": supercategory}
+                    for cat_id, name, supercategory in spec.categories
+                ],
+            }
+            ann_path = root / spec.path(spec.ann_file, split_index, 0)
+            ann_path.parent.mkdir(parents=True, exist_ok=True)
+            ann_path.write_text(json.dumps(coco))
+        summary[split] = {"images": len(images)}
+        if spec.ann_file is not None:
+            summary[split]["instances"] = len(annotations)
     # Written last: its presence marks a complete dataset.
-    (root / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **asdict(cfg)}))
+    (root / META_FILE).write_text(json.dumps(_wanted_meta(cfg, spec)))
     return summary
+
+
+def _count_split_files(root: Path, layout: Layout) -> Dict[str, Dict[str, int]]:
+    """Per split, the pictures and instances of a dataset that is already written."""
+    counts = {}
+    for split_index, split in enumerate(SPLITS):
+        if layout.ann_file is not None:
+            coco = json.loads((root / layout.path(layout.ann_file, split_index, 0)).read_text())
+            counts[split] = {"images": len(coco["images"]),
+                             "instances": len(coco["annotations"])}
+        else:
+            image_dir = root / layout.path(layout.image_dir, split_index, 0)
+            counts[split] = {"images": len(list(image_dir.glob("*.jpg")))}
+    return counts
 
 
 def load_meta(root: Union[str, Path]) -> Optional[Dict[str, Any]]:
