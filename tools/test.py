@@ -5,48 +5,41 @@ Usage::
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE_OR_DIR] [--show-dir DIR]
                                            [--show] [--wait-time S] [--tta]
                                            [--allow-partial-checkpoint]
-                                           [--cfg-options key=value ...] [--launcher ...]
+                                           [--cfg-options key=value ...] [--skip-data-check]
+                                           [--launcher none|pytorch|slurm|mpi]
 
 Flags behave as in the toolbox the config belongs to: for detection ``--out`` is a ``.pkl`` file
 of raw predictions and ``--show-dir`` is created under ``<work_dir>/<timestamp>/``; for
 segmentation ``--out`` is a directory of predicted label PNGs and ``--show-dir`` receives the
-drawn pictures under ``vis_data/vis_image``.
+drawn pictures under ``vis_data/vis_image``. Distributed runs: tools/dist_test.sh (torchrun),
+tools/slurm_test.sh (srun) or mpirun with ``--launcher mpi``; without CUDA over gloo on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Any, Dict, List, Optional
 
-from vmamba_mm.cli import (
-    build_runner,
-    check_checkpoint_argument,
-    check_data,
-    exit_on_user_error,
-    init_toolbox,
-    load_config,
-    prepare_launcher,
-    set_work_dir,
-    toolbox_of,
-)
+from vmamba_mm import cli
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from mmengine.config import DictAction
+    """Reads the command line: CONFIG, CHECKPOINT, the test options, and the options shared
+    with train.py (``--work-dir``, ``--cfg-options``, ``--launcher``, ... from vmamba_mm.cli).
 
-    parser = argparse.ArgumentParser(description="Test (and evaluate) a VMamba model.")
-    parser.add_argument("config", help="test config file path")
+    Args:
+        argv: The arguments; ``None`` takes ``sys.argv[1:]``.
+
+    Returns:
+        The parsed arguments with ``checkpoint``, ``out``, ``show``, ``show_dir``, ``tta``, ...
+    """
+    parser = cli.tool_parser("Test (and evaluate) a VMamba model.", "test config file path")
     parser.add_argument("checkpoint", help="checkpoint file or URL")
     parser.add_argument(
         "--allow-partial-checkpoint",
         action="store_true",
         help="test even when the checkpoint's keys or shapes do not match the model (the "
         "unmatched weights keep their initialisation); without it that is an error",
-    )
-    parser.add_argument(
-        "--work-dir", help="the directory to save the file containing evaluation metrics"
     )
     parser.add_argument(
         "--out",
@@ -62,20 +55,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--wait-time", type=float, default=2, help="the interval of show (s)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation")
-    parser.add_argument(
-        "--cfg-options",
-        nargs="+",
-        action=DictAction,
-        help="override settings of the config, key=value",
-    )
-    parser.add_argument(
-        "--launcher", choices=["none", "pytorch", "slurm"], default="none", help="job launcher"
-    )
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
-    args = parser.parse_args(argv)
-    if "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    return args
+    return cli.parse_tool_args(parser, argv)
 
 
 def _enable_visualization(cfg, args: argparse.Namespace, scope: str) -> None:
@@ -142,16 +122,16 @@ def _enable_tta(cfg, scope: str) -> None:
 def setup_config(args: argparse.Namespace):
     """Builds the test config from the command line.
 
+    Args:
+        args: The arguments from :func:`parse_args`.
+
     Returns:
         The mmengine ``Config`` ready for the Runner.
     """
-    check_checkpoint_argument(
+    cli.check_checkpoint_argument(
         args.checkpoint, "test.py", "pass a file written by tools/train.py (e.g. "
         "work_dirs/<config name>/iter_N.pth) or its URL.")
-    cfg = load_config(args.config, args.cfg_options)
-    scope = toolbox_of(cfg)
-    init_toolbox(scope)
-    set_work_dir(cfg, args.work_dir, args.config)
+    cfg, scope = cli.config_from_args(args)
     cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
         _enable_visualization(cfg, args, scope)
@@ -164,29 +144,27 @@ def setup_config(args: argparse.Namespace):
         else:
             cfg.test_evaluator["output_dir"] = args.out
             cfg.test_evaluator["keep_results"] = True
-    check_data(cfg, ["test_dataloader"])
-    prepare_launcher(cfg, args.launcher)
+    cli.finish_config(cfg, args, ["test_dataloader"])
     return cfg
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Evaluates a checkpoint; errors in the command line or the data exit with a message.
 
+    Args:
+        argv: The arguments; ``None`` takes ``sys.argv[1:]``.
+
     Returns:
         The metrics, e.g. ``{"coco/bbox_mAP": 0.61, ...}`` or ``{"mIoU": 78.2, ...}``.
     """
     args = parse_args(argv)
-    try:
-        cfg = setup_config(args)
-    except (FileNotFoundError, ValueError, TypeError) as err:
-        sys.exit(f"error: {err}")
-    return exit_on_user_error(lambda: _build_and_test(cfg, args))
+    return cli.run_tool(args, setup_config, lambda cfg: _build_and_test(cfg, args))
 
 
 def _build_and_test(cfg, args: argparse.Namespace) -> Dict[str, Any]:
-    runner = build_runner(cfg)
+    runner = cli.build_runner(cfg)
     load_checked_checkpoint(runner, cfg.load_from, args.allow_partial_checkpoint)
-    if args.out is not None and toolbox_of(cfg) == "mmdet":
+    if args.out is not None and cli.toolbox_of(cfg) == "mmdet":
         from mmdet.evaluation import DumpDetResults
 
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))

@@ -3,38 +3,33 @@
 Usage::
 
     python tools/train.py CONFIG [--work-dir DIR] [--amp] [--resume [CKPT]] [--auto-scale-lr]
-                                 [--cfg-options key=value ...] [--launcher none|pytorch|slurm]
+                                 [--cfg-options key=value ...] [--skip-data-check]
+                                 [--launcher none|pytorch|slurm|mpi]
 
 The flags and their behaviour follow mmdet's and mmseg's own tools/train.py; mmengine's Runner
-does the training. Distributed runs: tools/dist_train.sh (torchrun) or tools/slurm_train.sh.
+does the training. Distributed runs: tools/dist_train.sh (torchrun), tools/slurm_train.sh (srun)
+or mpirun with ``--launcher mpi``; without CUDA the processes train on the CPU over gloo.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import List, Optional
 
-from vmamba_mm.cli import (
-    build_runner,
-    check_checkpoint_argument,
-    check_data,
-    exit_on_user_error,
-    init_toolbox,
-    load_config,
-    prepare_launcher,
-    set_work_dir,
-    toolbox_of,
-)
+from vmamba_mm import cli
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from mmengine.config import DictAction
+    """Reads the command line: CONFIG and the options every tool has (vmamba_mm.cli), then the
+    training options ``--amp``, ``--auto-scale-lr`` and ``--resume``.
 
-    parser = argparse.ArgumentParser(description="Train a VMamba detector or segmentor.")
-    parser.add_argument("config", help="train config file path")
-    parser.add_argument("--work-dir", help="the dir to save logs and models")
+    Args:
+        argv: The arguments; ``None`` takes ``sys.argv[1:]``.
+
+    Returns:
+        The parsed arguments.
+    """
+    parser = cli.tool_parser("Train a VMamba detector or segmentor.", "train config file path")
     parser.add_argument(
         "--amp", action="store_true", default=False, help="enable automatic mixed precision"
     )
@@ -51,33 +46,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="resume from the given checkpoint (path or URL), or without a value from the latest "
         "checkpoint in the work dir",
     )
-    parser.add_argument(
-        "--cfg-options",
-        nargs="+",
-        action=DictAction,
-        help="override settings of the config, key=value (xxx=a,b or xxx=[a,b] for lists, "
-        "quoted without spaces for nesting: key=\"[(a,b),(c,d)]\")",
-    )
-    parser.add_argument(
-        "--launcher", choices=["none", "pytorch", "slurm"], default="none", help="job launcher"
-    )
-    # torch.distributed.launch passes --local-rank (older torch: --local_rank).
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
-    args = parser.parse_args(argv)
-    if "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    return args
+    return cli.parse_tool_args(parser, argv)
 
 
 def setup_config(args: argparse.Namespace):
     """Builds the training config from the command line.
 
+    Args:
+        args: The arguments from :func:`parse_args`.
+
     Returns:
         The mmengine ``Config`` ready for the Runner.
     """
-    cfg = load_config(args.config, args.cfg_options)
-    init_toolbox(toolbox_of(cfg))
-    set_work_dir(cfg, args.work_dir, args.config)
+    cfg, _ = cli.config_from_args(args)
 
     if args.amp:
         import torch
@@ -113,7 +94,7 @@ def setup_config(args: argparse.Namespace):
         cfg.resume = True
         cfg.load_from = None
     elif args.resume is not None:
-        check_checkpoint_argument(
+        cli.check_checkpoint_argument(
             args.resume, "--resume", "pass a checkpoint file or URL, or --resume alone to "
             "continue from the latest one in the work dir.")
         cfg.resume = True
@@ -127,25 +108,21 @@ def setup_config(args: argparse.Namespace):
                for t in types):
         cfg.custom_hooks = hooks + [dict(type="ExactResumeHook")]
 
-    check_data(cfg, ["train_dataloader", "val_dataloader"] if cfg.get("val_cfg") else
-               ["train_dataloader"])
-    prepare_launcher(cfg, args.launcher)
+    cli.finish_config(cfg, args, ["train_dataloader", "val_dataloader"] if cfg.get("val_cfg")
+                      else ["train_dataloader"])
     return cfg
 
 
 def main(argv: Optional[List[str]] = None):
     """Trains the model of a config; errors in the command line or the data exit with a message.
 
+    Args:
+        argv: The arguments; ``None`` takes ``sys.argv[1:]``.
+
     Returns:
         The model after training (as the Runner holds it).
     """
-    args = parse_args(argv)
-    try:
-        cfg = setup_config(args)
-    except (FileNotFoundError, ValueError, TypeError) as err:
-        sys.exit(f"error: {err}")
-    # Damaged, unsafe or non-finite checkpoints and unusable images surface inside the Runner.
-    return exit_on_user_error(lambda: build_runner(cfg).train())
+    return cli.run_tool(parse_args(argv), setup_config, lambda cfg: cli.build_runner(cfg).train())
 
 
 if __name__ == "__main__":

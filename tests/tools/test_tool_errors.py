@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 import pytest
-from tool_test_utils import DET_CONFIG, SEG_CONFIG, TOOLS
+from tool_test_utils import DET_CONFIG, SEG_CONFIG, load_tool_module
 
 pytest.importorskip("mmdet")
 pytest.importorskip("mmseg")
@@ -13,17 +13,8 @@ pytest.importorskip("mmseg")
 @pytest.fixture
 def tools(monkeypatch: pytest.MonkeyPatch, tiny_shapes: Path):
     """The train and test tool modules, imported as the scripts see them, data root set."""
-    import importlib.util
-
     monkeypatch.setenv("VMAMBA_MM_SHAPES_ROOT", str(tiny_shapes) + "/")
-    modules = {}
-    for name in ("train", "test"):
-        # Loaded under distinct names: "test" would otherwise be Python's own test package.
-        spec = importlib.util.spec_from_file_location(f"vmamba_tools_{name}", TOOLS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        modules[name] = module
-    return argparse.Namespace(**modules)
+    return argparse.Namespace(train=load_tool_module("train"), test=load_tool_module("test"))
 
 
 def _train_args(tools, *extra: str, config: Path = DET_CONFIG):

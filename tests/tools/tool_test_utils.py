@@ -1,6 +1,9 @@
-"""Paths and settings shared by the tools tests."""
+"""Paths, settings and helpers shared by the tools tests."""
 
+import importlib.util
+import socket
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "tools"
@@ -13,3 +16,21 @@ SMALL_PIPELINES = [
     "test_dataloader.dataset.pipeline.1.scale=(64,64)",
     "default_hooks.logger.interval=1",
 ]
+
+
+def load_tool_module(name: str) -> ModuleType:
+    """tools/<name>.py imported as the script sees itself, under the name ``vmamba_tools_<name>``.
+
+    The distinct name matters for "test", which would otherwise be Python's own test package.
+    """
+    spec = importlib.util.spec_from_file_location(f"vmamba_tools_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for MASTER_PORT / PORT)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

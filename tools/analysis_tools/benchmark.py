@@ -57,6 +57,7 @@ from typing import List, Optional, Sequence
 from vmamba_mm.cli import (
     check_checkpoint_argument,
     check_data,
+    close_process_group,
     exit_on_user_error,
     init_toolbox,
     load_config,
@@ -264,33 +265,16 @@ def main(argv: Optional[Sequence[str]] = None):
     try:
         cfg, options = setup(args)
     except (FileNotFoundError, ValueError, TypeError) as err:
-        _close_process_group(wait=False)
+        close_process_group(wait=False)
         sys.exit(f"error: {' '.join(str(err).split())}")
     try:
         result = exit_on_user_error(lambda: _run(cfg, options, args))
     except SystemExit:
         # The other processes may never reach a barrier after this one's error.
-        _close_process_group(wait=False)
+        close_process_group(wait=False)
         raise
-    _close_process_group(wait=True)
+    close_process_group(wait=True)
     return result
-
-
-def _close_process_group(wait: bool) -> None:
-    """Closes the process group a launcher started (after a barrier when the run went well).
-
-    Left to the interpreter's exit, a gloo group's threads may still run while the process is
-    torn down.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    try:
-        if wait:
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _run(cfg, options, args: argparse.Namespace):
