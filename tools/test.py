@@ -171,10 +171,6 @@ def _build_and_test(cfg, args: argparse.Namespace) -> Dict[str, Any]:
     return runner.test()
 
 
-def _strip_module(key: str) -> str:
-    return key[len("module."):] if key.startswith("module.") else key
-
-
 def load_checked_checkpoint(runner, checkpoint: str, allow_partial: bool) -> None:
     """Loads the checkpoint into the runner's model and checks that it fits.
 
@@ -187,25 +183,19 @@ def load_checked_checkpoint(runner, checkpoint: str, allow_partial: bool) -> Non
     """
     from mmengine.model import is_model_wrapper
 
-    from vmamba_mm.checkpoint.official import format_keys
+    from vmamba_mm.checkpoint.official import state_dict_mismatches, strip_module_prefix
     from vmamba_mm.errors import CheckpointMismatchError
 
     loaded = runner.load_checkpoint(checkpoint, map_location="cpu")
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
     # A test-time-augmentation model holds the detector as `module`; DDP checkpoints prefix
     # "module." too.
-    expected = {_strip_module(k): v.shape for k, v in model.state_dict().items()}
+    expected = {strip_module_prefix(k): v for k, v in model.state_dict().items()}
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {}
-    given = {_strip_module(k): v.shape for k, v in state.items() if hasattr(v, "shape")}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    mismatched = [f"{k}: checkpoint {tuple(given[k])} vs model {tuple(expected[k])}"
-                  for k in sorted(set(given) & set(expected)) if given[k] != expected[k]]
-    if not (missing or unexpected or mismatched):
+    parts = state_dict_mismatches(expected,
+                                  {strip_module_prefix(k): v for k, v in state.items()})
+    if not parts:
         return
-    parts = [f"{label} ({len(keys)}): {format_keys(keys, limit=5)}"
-             for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                 ("shape mismatches", mismatched)) if keys]
     message = (f"checkpoint {checkpoint} does not fit the model of this config: "
                + "; ".join(parts) + ".")
     if not allow_partial:

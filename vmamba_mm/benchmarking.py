@@ -322,10 +322,6 @@ def synthetic_batches(cfg, scope: str, shape: Tuple[int, int], batch_size: int,
         yield batch
 
 
-def _strip_module(key: str) -> str:
-    return key[len("module."):] if key.startswith("module.") else key
-
-
 def load_weights(model: nn.Module, checkpoint: str) -> None:
     """Loads a checkpoint into ``model`` through mmengine's checkpoint loading, strictly.
 
@@ -345,24 +341,16 @@ def load_weights(model: nn.Module, checkpoint: str) -> None:
     # already reads through the safe reader.
     from mmengine.runner import CheckpointLoader, load_state_dict
 
-    from .checkpoint.official import format_keys
+    from .checkpoint.official import state_dict_mismatches, strip_module_prefix
     from .errors import CheckpointMismatchError
 
     loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location="cpu")
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict):
         raise CheckpointMismatchError(f"checkpoint {checkpoint} holds no state_dict.")
-    state = {_strip_module(k): v for k, v in state.items()}
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    given = {k: v.shape for k, v in state.items() if hasattr(v, "shape")}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    mismatched = [f"{k}: checkpoint {tuple(given[k])} vs model {tuple(expected[k])}"
-                  for k in sorted(set(given) & set(expected)) if given[k] != expected[k]]
-    if missing or unexpected or mismatched:
-        parts = [f"{label} ({len(keys)}): {format_keys(keys, limit=5)}"
-                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                     ("shape mismatches", mismatched)) if keys]
+    state = {strip_module_prefix(k): v for k, v in state.items()}
+    parts = state_dict_mismatches(model.state_dict(), state)
+    if parts:
         raise CheckpointMismatchError(
             f"checkpoint {checkpoint} does not fit the model of this config: "
             + "; ".join(parts) + ". Pass the checkpoint trained with this config.")

@@ -468,7 +468,9 @@ def build_runner(cfg):
 
 def is_remote(location: str) -> bool:
     """Whether a checkpoint location is a URL or another file-backend URI (not a local path)."""
-    return re.match(r"^(\S+:)?[A-Za-z][A-Za-z0-9+.-]*://", location) is not None
+    from .checkpoint.loading import is_uri
+
+    return is_uri(location)
 
 
 def check_checkpoint_argument(location: str, option: str, hint: str) -> None:

@@ -57,11 +57,11 @@ from typing import List, Optional, Sequence
 from vmamba_mm.cli import (
     check_checkpoint_argument,
     check_data,
-    close_process_group,
-    exit_on_user_error,
     init_toolbox,
     load_config,
+    one_line,
     prepare_launcher,
+    run_tool,
     toolbox_of,
 )
 
@@ -262,19 +262,7 @@ def main(argv: Optional[Sequence[str]] = None):
         The :class:`vmamba_mm.benchmarking.BenchmarkResult`.
     """
     args = parse_args(argv)
-    try:
-        cfg, options = setup(args)
-    except (FileNotFoundError, ValueError, TypeError) as err:
-        close_process_group(wait=False)
-        sys.exit(f"error: {' '.join(str(err).split())}")
-    try:
-        result = exit_on_user_error(lambda: _run(cfg, options, args))
-    except SystemExit:
-        # The other processes may never reach a barrier after this one's error.
-        close_process_group(wait=False)
-        raise
-    close_process_group(wait=True)
-    return result
+    return run_tool(args, setup, lambda prepared: _run(*prepared, args))
 
 
 def _run(cfg, options, args: argparse.Namespace):
@@ -286,7 +274,7 @@ def _run(cfg, options, args: argparse.Namespace):
     try:
         result = Benchmark(cfg, options, log=report).run()
     except BenchmarkInputError as err:
-        sys.exit(f"error: {' '.join(str(err).split())}")
+        sys.exit(f"error: {one_line(err)}")
     if args.work_dir is not None and report.rank == 0:
         path = report.save(args.work_dir, args.config, args.checkpoint, result)
         report(f"Saved the figures to {path}")

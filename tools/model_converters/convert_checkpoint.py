@@ -23,6 +23,7 @@ from vmamba_mm.checkpoint import (
     match_state_dict,
     safe_load,
 )
+from vmamba_mm.cli import one_line
 from vmamba_mm.errors import USER_ERRORS
 
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     try:
         return convert(args)
     except USER_ERRORS as error:
-        sys.exit("error: " + " ".join(str(error).split()))
+        sys.exit(f"error: {one_line(error)}")
 
 
 def convert(args: argparse.Namespace) -> int:

@@ -41,6 +41,11 @@ _LEGACY_HINT = (
     "under 'Checkpoint safety' in the README.")
 
 
+def is_uri(location: str) -> bool:
+    """Whether a location is a URL or another file-backend URI rather than a local path."""
+    return _OTHER_SCHEME.match(location) is not None
+
+
 def fetch(location: str, backend_args: Optional[dict] = None) -> Tuple[Union[str, BinaryIO], str]:
     """Gets a checkpoint's bytes without interpreting them.
 
@@ -55,7 +60,7 @@ def fetch(location: str, backend_args: Optional[dict] = None) -> Tuple[Union[str
     if _URL.match(location):
         expected = name_sha256_prefix(location)
         return download_once_per_node(location, expected_sha256=expected), location
-    if _OTHER_SCHEME.match(location):
+    if is_uri(location):
         try:
             from mmengine.fileio import get
         except ImportError as error:

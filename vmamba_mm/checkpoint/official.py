@@ -178,8 +178,37 @@ def _stage_summary(keys: List[str]) -> str:
 
 
 def format_keys(keys: List[str], limit: int = 30) -> str:
+    """The first ``limit`` keys, comma-separated, and how many more there are."""
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def strip_module_prefix(key: str) -> str:
+    """A state_dict key without the "module." of DDP or of a test-time-augmentation wrapper."""
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def state_dict_mismatches(expected: Dict[str, Any], given: Dict[str, Any]) -> List[str]:
+    """How a checkpoint's state_dict differs from a model's, as parts of an error message.
+
+    Args:
+        expected: the model's keys and their tensors (or shapes).
+        given: the checkpoint's keys and values; values without a shape are ignored.
+
+    Returns:
+        "missing keys (n): ...", "unexpected keys (n): ..." and "shape mismatches (n): ..." for
+        what is not empty; an empty list when the checkpoint fits.
+    """
+    expected_shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    given_shapes = {k: tuple(v.shape) for k, v in given.items() if hasattr(v, "shape")}
+    missing = sorted(set(expected_shapes) - set(given_shapes))
+    unexpected = sorted(set(given_shapes) - set(expected_shapes))
+    mismatched = [f"{k}: checkpoint {given_shapes[k]} vs model {expected_shapes[k]}"
+                  for k in sorted(set(given_shapes) & set(expected_shapes))
+                  if given_shapes[k] != expected_shapes[k]]
+    return [f"{label} ({len(keys)}): {format_keys(keys, limit=5)}"
+            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                ("shape mismatches", mismatched)) if keys]
 
 
 def match_state_dict(
