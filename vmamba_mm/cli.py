@@ -124,16 +124,19 @@ def config_from_args(args: argparse.Namespace) -> Tuple[Any, str]:
 
 
 def finish_config(cfg, args: argparse.Namespace, loaders: List[str]) -> None:
-    """The last steps of a tool's setup: checks the data (unless ``--skip-data-check``) and
-    prepares the launcher.
+    """The last steps of a tool's setup: checks the data (unless ``--skip-data-check``), lets only
+    the main process write the test metrics' file, and prepares the launcher.
 
     Args:
         cfg: The config, otherwise ready for the Runner.
         args: Parsed arguments with ``skip_data_check`` and ``launcher``.
         loaders: The dataloader entries the run reads, e.g. ``["test_dataloader"]``.
     """
+    from vmamba_mm.engine import use_main_process_logger
+
     if not args.skip_data_check:
         check_data(cfg, loaders)
+    use_main_process_logger(cfg)
     prepare_launcher(cfg, args.launcher)
 
 
