@@ -1,8 +1,15 @@
 """SS2D: the 2D selective-scan token mixer of VMamba.
 
 The input is projected to D = int(ssm_ratio * C) channels, passed through a depthwise 3x3 conv and
-SiLU, unfolded into four 1D routes over the image (row-major, column-major and their reverses),
-scanned by a selective state-space model per route, folded back, normalised and projected to C.
+SiLU, scanned by a selective state-space model along four routes over the image (row-major,
+column-major and their reverses), the routes summed back at every position, normalised and
+projected to C.
+
+The scan is one op, ``vmamba_mm.ops.ss2d_scan``, on natural-order inputs: the per-route
+projections (x_proj: delta's rank-R part, B, C; dt_proj) run once on x in channel-last order with
+the four routes' weights stacked, where the official code applies them to four route-ordered
+copies of x (cross-scan) and sums the routes' outputs afterwards (cross-merge). The products are
+the same; only float rounding differs.
 
 Two variants are provided, both with the official parameter names and shapes:
 
@@ -22,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import cross_merge, cross_merge_channel_last, cross_scan, selective_scan
+from ..ops import ss2d_scan
 from .layers import layer_norm_float32, make_linear, make_norm
 
 SCAN_BACKENDS = ("auto", "torch", "naive", "triton")
@@ -51,8 +58,9 @@ class SS2D(nn.Module):
         gated: add the SiLU(z) gate of the vanilla models (in_proj then outputs 2D channels).
         conv_bias: bias on the depthwise conv.
         channel_first: layout of input and output ([B, C, H, W] if True, else [B, H, W, C]).
-        scan_backend: backend of ``vmamba_mm.ops.selective_scan`` ("auto", "torch", "naive",
-            "triton").
+        scan_backend: "torch" or "naive" run those backends of ``vmamba_mm.ops.ss2d_scan``;
+            "auto" and "triton" run its "auto" backend (today: its PyTorch backend around
+            ``selective_scan``'s Triton kernels on CUDA, pure PyTorch elsewhere).
         d_conv: depthwise conv kernel size (3 in every released model).
     """
 
@@ -84,9 +92,9 @@ class SS2D(nn.Module):
         self.gated = gated
         self.channel_first = channel_first
         self.scan_backend = scan_backend
-        # The cross-scan follows the scan: Triton when asked for, PyTorch for the CPU reference
-        # backends, and the ops' own choice for "auto".
-        self.cross_backend = {"naive": "torch", "torch": "torch"}.get(scan_backend, scan_backend)
+        # The reference and PyTorch backends map to ss2d_scan's own; "triton" and "auto" to its
+        # "auto", whose selective scan runs the Triton kernels on CUDA.
+        self.ss2d_backend = scan_backend if scan_backend in ("naive", "torch") else "auto"
 
         proj_out = 2 * d_inner if gated else d_inner
         self.in_proj = make_linear(d_model, proj_out, bias=False, channel_first=channel_first)
@@ -140,15 +148,16 @@ class SS2D(nn.Module):
         if not self.channel_first:
             x = x.permute(0, 3, 1, 2)
         x = F.silu(self.conv2d(x))  # [B, D, H, W]
-        batch, d_inner, height, width = x.shape
-        length = height * width
-
-        xs = cross_scan(x, backend=self.cross_backend)  # [B, K, D, L]
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)  # [B, K, R+2N, L]
-        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # [B, K, D, L]
-        xs = xs.reshape(batch, K * d_inner, length)
-        dts = dts.reshape(batch, K * d_inner, length)
+        # Channel-last view [B, H, W, D]: in place when the conv ran in channels_last memory
+        # format (as it does after LayerNorm2d / nn.Linear); the scan reads any strides.
+        xs = x.permute(0, 2, 3, 1)
+        # The projections run once on x in natural order with the four routes' weights stacked
+        # (one GEMM each): the same products as the official einsums over four route-ordered
+        # copies of x. Written as einsums so that FLOP counters see the official ones' sizes
+        # and count them alike (fvcore rounds einsum counts).
+        x_dbl = torch.einsum("bhwd,kcd->bhwkc", xs, self.x_proj_weight)  # [B, H, W, K, R+2N]
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dts = torch.einsum("bhwkr,kdr->bhwkd", dts, self.dt_projs_weight)  # [B, H, W, K, D]
         if self.gated:
             # The vanilla models scan in float32 whatever the activation dtype.
             xs, dts, Bs, Cs = xs.float(), dts.float(), Bs.float(), Cs.float()
@@ -156,18 +165,12 @@ class SS2D(nn.Module):
             # The v2 models scan in the activation dtype (fp16/bf16 under AMP); the projections
             # may come out of autocast in another dtype than xs.
             dts, Bs, Cs = dts.to(xs.dtype), Bs.to(xs.dtype), Cs.to(xs.dtype)
-        ys = selective_scan(
-            xs, dts, -torch.exp(self.A_logs.float()), Bs.contiguous(), Cs.contiguous(),
-            self.Ds.float(), self.dt_projs_bias.float().reshape(-1), delta_softplus=True,
-            backend=self.scan_backend,
-        )  # [B, K*D, L], float32
-        ys = ys.view(batch, K, d_inner, height, width)
-
+        y = ss2d_scan(
+            xs, dts, -torch.exp(self.A_logs.float()), Bs, Cs, self.Ds.float(),
+            self.dt_projs_bias.float().reshape(-1), delta_softplus=True, backend=self.ss2d_backend,
+        )  # [B, H, W, D], float32
         if self.channel_first:
-            y = cross_merge(ys, backend=self.cross_backend).view(batch, d_inner, height, width)
-        else:
-            y = cross_merge_channel_last(ys, backend=self.cross_backend)  # [B, L, D]
-            y = y.view(batch, height, width, d_inner)
+            y = y.permute(0, 3, 1, 2)
         # The scan output is float32; normalise it in float32 even in a bf16/fp16 model (whose
         # norm parameters are low precision), then return to the activation dtype.
         y = layer_norm_float32(self.out_norm, y).to(x.dtype)

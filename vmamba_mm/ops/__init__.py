@@ -1,4 +1,5 @@
-"""Operators of the VMamba token mixer: the selective scan and the four-direction cross-scan."""
+"""Operators of the VMamba token mixer: the selective scan, the four-direction cross-scan, and
+the four-route 2D scan that fuses them (``ss2d_scan``)."""
 
 from .cross_scan import cross_merge, cross_merge_channel_last, cross_scan, cross_scan_channel_last
 from .flops import (
@@ -8,6 +9,7 @@ from .flops import (
     selective_scan_flops,
 )
 from .selective_scan import selective_scan, selective_scan_naive
+from .ss2d_scan import ss2d_scan, ss2d_scan_naive
 
 __all__ = [
     "SCAN_FLOP_HANDLES",
@@ -20,4 +22,6 @@ __all__ = [
     "selective_scan_flop_jit",
     "selective_scan_flops",
     "selective_scan_naive",
+    "ss2d_scan",
+    "ss2d_scan_naive",
 ]

@@ -5,15 +5,23 @@ The count is the one official VMamba reports with (Albert Gu's estimate, mamba i
 scanned channels (K * d_inner: all four directions go through one call) and N the state size.
 One multiply-add counts as one FLOP, as in fvcore and mmengine's analysis.
 
-Graph tracers (fvcore, ``mmengine.analysis``) see the scan as the custom op
-``vmamba_mm::selective_scan_fwd``; ``SCAN_FLOP_HANDLES`` maps that name to a handle, and
-``register_mmengine_flop_handles`` adds it to mmengine's defaults so that
-``mmengine.analysis.get_model_complexity_info`` counts the scan too.
+Graph tracers (fvcore, ``mmengine.analysis``) see the scan as one of two custom ops:
+``vmamba_mm::selective_scan_fwd`` and SS2D's four-route ``vmamba_mm::ss2d_scan_fwd`` (cross-scan,
+scan and cross-merge in one op). ``SCAN_FLOP_HANDLES`` maps both names to handles, and
+``register_mmengine_flop_handles`` adds them to mmengine's defaults so that
+``mmengine.analysis.get_model_complexity_info`` counts the scan too. Both are counted with the same
+formula, over the K * d_inner channels of the four routes, and reported under the operator name
+``selective_scan_fwd``: a model counts the same whichever op runs its scan, and per-operator
+reports (``by_operator()["selective_scan_fwd"]``, ``get_flops``' scan total) stay comparable.
 """
 
-from typing import Any, Callable, Dict, List, Optional
+from collections import Counter
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 SCAN_OP_NAMES = ("vmamba_mm::selective_scan_fwd",)
+SS2D_SCAN_OP_NAMES = ("vmamba_mm::ss2d_scan_fwd",)
+# The operator name the scan's FLOPs are reported under, whichever op ran it.
+SCAN_OPERATOR = "selective_scan_fwd"
 
 
 def selective_scan_flops(
@@ -85,18 +93,64 @@ def selective_scan_activation_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return batch * channels * length
 
 
-Handle = Callable[[List[Any], List[Any]], int]
+def _ss2d_shapes(inputs: List[Any], what: str) -> Tuple[int, int, int, int]:
+    x_shape, a_shape = _shape(inputs[0]), _shape(inputs[2])
+    if x_shape is None or a_shape is None:
+        raise ValueError(
+            f"{what} needs complete tensor shapes for x and A; trace the model with concrete "
+            "example inputs."
+        )
+    batch, height, width, _ = x_shape
+    return batch, height * width, a_shape[0], a_shape[1]
+
+
+def ss2d_scan_flop_jit(inputs: List[Any], outputs: List[Any]) -> Counter:
+    """fvcore/mmengine jit handle for ``vmamba_mm::ss2d_scan_fwd`` (SS2D's four-route scan).
+
+    Args:
+        inputs: the op's ``torch._C.Value`` inputs: x [B, H, W, D], delta, A [K*D, N], B, C,
+            D (or None), delta_bias (or None), then the op's flags.
+        outputs: the op's outputs (unused).
+
+    Returns:
+        ``Counter({"selective_scan_fwd": selective_scan_flops(B, H*W, K*D, N, with_D)})``: the
+        count of the selective scan over the four routes that the op computes, under the
+        selective scan's operator name.
+    """
+    batch, length, channels, d_state = _ss2d_shapes(inputs, "ss2d_scan_flop_jit")
+    flops = selective_scan_flops(batch, length, channels, d_state, with_D=not _is_none(inputs[5]))
+    return Counter({SCAN_OPERATOR: flops})
+
+
+def ss2d_scan_activation_jit(inputs: List[Any], outputs: List[Any]) -> Counter:
+    """Activation-count handle for ``vmamba_mm::ss2d_scan_fwd``: the four routes' outputs.
+
+    Args:
+        inputs: the op's inputs (x [B, H, W, D] first, A [K*D, N] third).
+        outputs: the op's outputs (unused).
+
+    Returns:
+        ``Counter({"selective_scan_fwd": B * K*D * H*W})``, as ``selective_scan`` counts the
+        routes' outputs before they are merged.
+    """
+    batch, length, channels, _ = _ss2d_shapes(inputs, "ss2d_scan_activation_jit")
+    return Counter({SCAN_OPERATOR: batch * channels * length})
+
+
+Handle = Callable[[List[Any], List[Any]], Union[int, Counter]]
 SCAN_FLOP_HANDLES: Dict[str, Handle] = {name: selective_scan_flop_jit for name in SCAN_OP_NAMES}
+SCAN_FLOP_HANDLES.update({name: ss2d_scan_flop_jit for name in SS2D_SCAN_OP_NAMES})
 SCAN_ACTIVATION_HANDLES: Dict[str, Handle] = {
     name: selective_scan_activation_jit for name in SCAN_OP_NAMES
 }
+SCAN_ACTIVATION_HANDLES.update({name: ss2d_scan_activation_jit for name in SS2D_SCAN_OP_NAMES})
 
 
 def register_mmengine_flop_handles() -> None:
     """Makes ``mmengine.analysis`` (FlopAnalyzer, get_model_complexity_info) count the scan.
 
-    mmengine's analyzers start from module-level tables of default handles; this adds the scan's
-    FLOP and activation handles to them (idempotent). For a single analyzer,
+    mmengine's analyzers start from module-level tables of default handles; this adds the scan
+    ops' FLOP and activation handles to them (idempotent). For a single analyzer,
     ``FlopAnalyzer(model, inputs).set_op_handle(**SCAN_FLOP_HANDLES)`` does the same without
     touching the defaults.
 
