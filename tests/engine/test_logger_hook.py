@@ -12,8 +12,8 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.hooks import LoggerHook  # noqa: E402
 from mmengine.registry import HOOKS  # noqa: E402
 
-from vmamba_mm.engine import logger as logger_module  # noqa: E402
 from vmamba_mm.engine import MainProcessLoggerHook, use_main_process_logger  # noqa: E402
+from vmamba_mm.engine import logger as logger_module  # noqa: E402
 
 
 def _fake_runner(log_dir, rank_time: float):
@@ -45,7 +45,8 @@ def test_only_the_main_process_writes_the_metrics(tmp_path):
 
 @pytest.mark.parametrize("kind", ["LoggerHook", LoggerHook, "mmengine.LoggerHook"])
 def test_a_plain_logger_hook_is_swapped_with_its_options(kind):
-    cfg = Config(dict(default_hooks=dict(logger=dict(type=kind, interval=7, log_metric_by_epoch=False))))
+    logger = dict(type=kind, interval=7, log_metric_by_epoch=False)
+    cfg = Config(dict(default_hooks=dict(logger=logger)))
     use_main_process_logger(cfg)
     assert cfg.default_hooks.logger == dict(type="MainProcessLoggerHook", interval=7,
                                             log_metric_by_epoch=False)
