@@ -7,6 +7,8 @@ seven gradients, with the inputs laid out as SS2D passes them: x a channel-last 
 ``channels_last`` tensor, delta / B / C views into one GEMM output.
 """
 
+import importlib.util
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,6 +30,11 @@ from vmamba_mm.ops.ss2d_scan import interface, routes, torch_ss2d
 
 from .test_no_host_sync import assert_no_host_reads
 from .test_selective_scan_torch import TOLERANCES, assert_close
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON = pytest.param("triton", marks=pytest.mark.triton)
+if HAS_TRITON:
+    from vmamba_mm.ops.ss2d_scan import triton_ss2d
 
 K = 4
 NAMES = ("x", "delta", "A", "B", "C", "D", "delta_bias")
@@ -125,7 +132,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "naive"])
+@pytest.mark.parametrize("backend", ["torch", "naive", TRITON])
 @pytest.mark.parametrize("batch,height,width,dim,d_state,with_D,with_bias", CASES)
 def test_backend_matches_the_composition_in_output_and_every_gradient(
     backend, batch, height, width, dim, d_state, with_D, with_bias
@@ -145,11 +152,35 @@ def test_cases_cover_a_padded_chunk_of_the_step_path_on_a_2d_map():
     assert any(n == 1 and h > 1 and w > 1 and pads(h * w) for _, h, w, _, n, _, _ in CASES)
 
 
+@pytest.mark.parametrize("backend", ["torch", TRITON])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d_state", [1, 16])
-def test_low_precision_inputs_match_the_composition(dtype, d_state):
+def test_low_precision_inputs_match_the_composition(backend, dtype, d_state):
     _, inputs = make_inputs(2, 5, 7, 3, d_state, dtype=dtype)
-    assert_matches_composition("torch", inputs, *TOLERANCES[dtype])
+    assert_matches_composition(backend, inputs, *TOLERANCES[dtype])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("d_state", [1, 4])
+def test_triton_chunk_parallel_schedule_matches_the_composition(monkeypatch, d_state):
+    # The schedule a GPU picks for few programs and long routes; forced here, with 8-step
+    # chunks so that the 9 x 13 map has 15 of them (the last one partial).
+    monkeypatch.setattr(triton_ss2d, "use_chunk_parallel", lambda *args: True)
+    monkeypatch.setattr(triton_ss2d, "MAX_CHUNK", 8)
+    assert triton_ss2d.tile_sizes(3, d_state, 9 * 13)[0] == 8
+    _, inputs = make_inputs(2, 9, 13, 3, d_state)
+    assert_matches_composition("triton", inputs, 1e-4, 1e-4)
+
+
+@pytest.mark.triton
+def test_triton_backend_is_bitwise_repeatable():
+    _, inputs = make_inputs(2, 5, 7, 3, 2)
+    dy = torch.randn(2, 5, 7, 3, generator=torch.Generator().manual_seed(3))
+    first = output_and_grads(lambda **kw: ss2d_scan(**kw, backend="triton"), inputs, dy)
+    second = output_and_grads(lambda **kw: ss2d_scan(**kw, backend="triton"), inputs, dy)
+    assert torch.equal(first[0], second[0])
+    for name, grad in first[1].items():
+        assert torch.equal(grad, second[1][name]), name
 
 
 @pytest.mark.triton
@@ -189,27 +220,35 @@ def test_torch_backend_float64_gradcheck(batch, height, width, d_state, keep):
                                     eps=1e-6, atol=1e-5, fast_mode=True)
 
 
+@pytest.mark.parametrize("backend", ["torch", TRITON])
 @pytest.mark.parametrize("d_state,keep", [(1, True), (1, False), (3, True), (3, False)])
-def test_torch_backend_forward_and_fake_agree_on_shapes_and_dtypes(d_state, keep):
+def test_forward_and_fake_agree_on_shapes_and_dtypes(backend, d_state, keep):
     _, inputs = make_inputs(2, 3, 5, 4, d_state)
     values = {k: v.detach() for k, v in inputs.items()}
-    y, saved = torch_ss2d.torch_ss2d_forward(*values.values(), True, "torch", keep)
+    module = torch_ss2d if backend == "torch" else triton_ss2d
+    forward = getattr(module, f"{backend}_ss2d_forward")
+    fake = getattr(module, f"{backend}_ss2d_forward_fake")
+    y, saved = forward(*values.values(), True, "torch", keep)
     meta = [v.to("meta") for v in values.values()]
-    y_fake, saved_fake = torch_ss2d.torch_ss2d_forward_fake(*meta, True, "torch", keep)
+    y_fake, saved_fake = fake(*meta, True, "torch", keep)
     assert (y.shape, y.dtype) == (y_fake.shape, y_fake.dtype) == ((2, 3, 5, 4), torch.float32)
     assert [(t.shape, t.dtype) for t in saved] == [(t.shape, t.dtype) for t in saved_fake]
     assert bool(saved) == keep
 
 
+@pytest.mark.parametrize("backend", ["torch", TRITON])
 @pytest.mark.parametrize("d_state", [1, 3])
-def test_torch_backend_backward_with_and_without_saved_tensors_agree(d_state):
+def test_backward_with_and_without_saved_tensors_agree(backend, d_state):
     _, inputs = make_inputs(2, 6, 5, 3, d_state)
     values = [v.detach() for v in inputs.values()]
     dy = torch.randn(2, 6, 5, 3)
-    _, saved = torch_ss2d.torch_ss2d_forward(*values, True, "torch", True)
+    module = torch_ss2d if backend == "torch" else triton_ss2d
+    forward = getattr(module, f"{backend}_ss2d_forward")
+    backward = getattr(module, f"{backend}_ss2d_backward")
+    _, saved = forward(*values, True, "torch", True)
     copies = [t.clone() for t in saved]
-    with_saved = torch_ss2d.torch_ss2d_backward(dy, *values, True, "torch", *saved)
-    recomputed = torch_ss2d.torch_ss2d_backward(dy, *values, True, "torch")
+    with_saved = backward(dy, *values, True, "torch", *saved)
+    recomputed = backward(dy, *values, True, "torch")
     for got, want in zip(with_saved, recomputed):
         torch.testing.assert_close(got, want)
     for before, after in zip(copies, saved):
@@ -328,7 +367,7 @@ def test_unknown_backend_is_rejected():
         ss2d_scan(**inputs, backend="cuda")
 
 
-@pytest.mark.parametrize("backend", ["torch", "naive"])
+@pytest.mark.parametrize("backend", ["torch", "naive", TRITON])
 @pytest.mark.parametrize("d_state", [1, 16])
 def test_forward_and_backward_read_no_tensor_values_on_the_host(backend, d_state):
     def run():
@@ -371,12 +410,13 @@ def test_ss2d_runs_neither_cross_scan_nor_cross_merge(monkeypatch):
         assert x.grad is not None
 
 
+@pytest.mark.parametrize("backend", ["torch", TRITON])
 @pytest.mark.parametrize("channel_first,gated,d_state", [(True, False, 1), (False, True, 4)])
 def test_compiled_ss2d_with_fullgraph_matches_eager_in_output_and_gradients(
-    channel_first, gated, d_state
+    backend, channel_first, gated, d_state
 ):
     torch.manual_seed(0)
-    op = SS2D(8, d_state=d_state, gated=gated, channel_first=channel_first, scan_backend="torch")
+    op = SS2D(8, d_state=d_state, gated=gated, channel_first=channel_first, scan_backend=backend)
     x = torch.randn((2, 8, 5, 7) if channel_first else (2, 5, 7, 8))
     compiled = torch.compile(op, fullgraph=True, backend="aot_eager")
     out = compiled(x)
@@ -407,6 +447,8 @@ def test_backends_table_maps_every_public_name():
     assert interface._resolve_backend("torch", x) == ("torch", "torch")
     assert interface._resolve_backend("auto", x) == ("torch", "torch")  # CPU: the torch scan
     assert interface._resolve_backend("naive", x) == ("naive", "")
+    if HAS_TRITON:  # the interpreter is on for the test session
+        assert interface._resolve_backend("triton", x) == ("triton", "")
 
 
 @pytest.mark.gpu
@@ -415,9 +457,12 @@ def test_auto_backend_on_cuda_matches_the_composition(d_state):
     _, inputs = make_inputs(2, 9, 7, 4, d_state)
     cuda = {k: None if v is None else v.detach().cuda().requires_grad_()
             for k, v in inputs.items()}
-    assert interface._resolve_backend("auto", cuda["x"])[1] == "triton"
+    assert interface._resolve_backend("auto", cuda["x"]) == ("triton", "")
     dy = torch.randn(2, 9, 7, 4, device="cuda")
     y, grads = output_and_grads(lambda **kw: ss2d_scan(**kw, backend="auto"), cuda, dy)
+    again = output_and_grads(lambda **kw: ss2d_scan(**kw, backend="auto"), cuda, dy)
+    assert torch.equal(y, again[0]), "the fused kernels must be bitwise repeatable"
+    assert all(torch.equal(grads[k], again[1][k]) for k in grads)
     reference = detached(inputs)
     y_ref, g_ref = output_and_grads(composition, reference, dy.cpu())
     assert_close(y.cpu(), y_ref.contiguous(), *TOLERANCES[torch.float32], "y")

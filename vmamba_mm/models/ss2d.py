@@ -58,9 +58,8 @@ class SS2D(nn.Module):
         gated: add the SiLU(z) gate of the vanilla models (in_proj then outputs 2D channels).
         conv_bias: bias on the depthwise conv.
         channel_first: layout of input and output ([B, C, H, W] if True, else [B, H, W, C]).
-        scan_backend: "torch" or "naive" run those backends of ``vmamba_mm.ops.ss2d_scan``;
-            "auto" and "triton" run its "auto" backend (today: its PyTorch backend around
-            ``selective_scan``'s Triton kernels on CUDA, pure PyTorch elsewhere).
+        scan_backend: the backend of ``vmamba_mm.ops.ss2d_scan``: "auto" (its fused Triton
+            kernels on CUDA, pure PyTorch elsewhere), "triton", "torch" or "naive".
         d_conv: depthwise conv kernel size (3 in every released model).
     """
 
@@ -92,9 +91,6 @@ class SS2D(nn.Module):
         self.gated = gated
         self.channel_first = channel_first
         self.scan_backend = scan_backend
-        # The reference and PyTorch backends map to ss2d_scan's own; "triton" and "auto" to its
-        # "auto", whose selective scan runs the Triton kernels on CUDA.
-        self.ss2d_backend = scan_backend if scan_backend in ("naive", "torch") else "auto"
 
         proj_out = 2 * d_inner if gated else d_inner
         self.in_proj = make_linear(d_model, proj_out, bias=False, channel_first=channel_first)
@@ -167,7 +163,7 @@ class SS2D(nn.Module):
             dts, Bs, Cs = dts.to(xs.dtype), Bs.to(xs.dtype), Cs.to(xs.dtype)
         y = ss2d_scan(
             xs, dts, -torch.exp(self.A_logs.float()), Bs, Cs, self.Ds.float(),
-            self.dt_projs_bias.float().reshape(-1), delta_softplus=True, backend=self.ss2d_backend,
+            self.dt_projs_bias.float().reshape(-1), delta_softplus=True, backend=self.scan_backend,
         )  # [B, H, W, D], float32
         if self.channel_first:
             y = y.permute(0, 3, 1, 2)

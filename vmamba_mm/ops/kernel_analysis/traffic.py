@@ -18,7 +18,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..triton_env import interpreter_enabled
+from ..triton_env import fix_interpreter_loop_bounds, interpreter_enabled
 from .launches import reported_sm_count
 from .paths import GPU_SMS, PathInputs, ScanPath, ideal_traffic
 from .sectors import AccessLog, AccessTotals
@@ -92,6 +92,7 @@ def record_memory_accesses() -> Iterator[MemoryRecorder]:
         )
     from triton.runtime import interpreter
 
+    fix_interpreter_loop_bounds()
     recorder = MemoryRecorder()
     builder_cls, executor_cls = interpreter.InterpreterBuilder, interpreter.GridExecutor
     load, store = builder_cls.create_masked_load, builder_cls.create_masked_store

@@ -20,9 +20,10 @@ delta, A, B, C, D, delta_bias, delta_softplus, scan_backend, *saved) -> grads`` 
 ``<impl>_ss2d_forward_fake`` (the forward's signature, empty results), plus the
 ``selective_scan`` backend it runs inside, if any:
 
+* "triton": ``triton_ss2d``, the fused kernels (CUDA, or the CPU interpreter with
+  ``TRITON_INTERPRET=1``): no route-ordered copy of anything, ever;
 * "torch": ``torch_ss2d`` with the "torch" selective scan: pure PyTorch, any device;
-* "auto": ``torch_ss2d`` with ``selective_scan``'s own "auto" choice (its Triton kernels for
-  CUDA tensors, else "torch"), on every device for now;
+* "auto": "triton" for CUDA tensors when Triton imports, else "torch";
 * "naive": autograd through ``ss2d_scan_naive`` (tests only; not a custom op).
 
 No host-device synchronisation per call: the checks read only shapes, dtypes and devices (the
@@ -36,6 +37,7 @@ import torch
 
 from ..debug import value_checks_enabled
 from ..selective_scan import interface as scan_interface
+from ..triton_env import triton_available
 from .naive import ss2d_scan_naive
 from .routes import ROUTES
 
@@ -44,12 +46,11 @@ Tensor = torch.Tensor
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-# Public backend -> (implementation, the selective-scan backend it runs inside, which
-# ``selective_scan``'s own dispatch resolves for the tensors at hand; "" when there is none).
-# "naive" is not a custom op: autograd runs through the reference. A fused kernel is one more
-# entry (its ``<impl>_ss2d.py`` module), and "auto" may then point at it per device.
+# Public backend -> (implementation, the selective-scan backend it runs inside; "" when there is
+# none). "naive" is not a custom op: autograd runs through the reference.
 BACKENDS = {
-    "auto": ("torch", "auto"),
+    "auto": ("torch", "torch"),  # "triton" on CUDA (``_resolve_backend``)
+    "triton": ("triton", ""),
     "torch": ("torch", "torch"),
     "naive": ("naive", ""),
 }
@@ -164,10 +165,12 @@ def _resolve_backend(backend: object, x: Tensor) -> Tuple[str, str]:
         raise ValueError(
             f"backend={backend!r} is not one of {tuple(BACKENDS)}; pick one of those names."
         )
-    impl, scan_backend = BACKENDS[backend]
-    if scan_backend:
-        scan_backend = scan_interface._resolve_backend(scan_backend, x)
-    return impl, scan_backend
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and triton_available() else "torch"
+    elif backend == "triton":
+        # The same conditions, and the same messages, as selective_scan's "triton" backend.
+        scan_interface._resolve_backend("triton", x)
+    return BACKENDS[backend]
 
 
 @torch.library.custom_op("vmamba_mm::ss2d_scan_fwd", mutates_args=())
@@ -287,8 +290,9 @@ def ss2d_scan(
         D: skip weights, [K*D] float32, or None.
         delta_bias: added to delta, [K*D] float32, or None.
         delta_softplus: apply softplus (threshold 20) to delta + delta_bias.
-        backend: "auto" ("torch", whose selective scan runs Triton on CUDA when Triton imports),
-            "torch" (pure PyTorch) or "naive" (the per-token reference; tests only).
+        backend: "auto" ("triton" for CUDA tensors when Triton imports, else "torch"),
+            "triton" (the fused kernels), "torch" (pure PyTorch) or "naive" (the per-token
+            reference; tests only).
 
     Returns:
         y, float32 [batch, H, W, D], contiguous: the four routes' outputs summed at each
