@@ -12,10 +12,11 @@ figure precisely):
     would build, compiles each with ``triton.compile`` for a ``GPUTarget``, and prints registers,
     spills, shared memory, warps and the widths of the PTX global loads/stores.
 ``--traffic``
-    Runs each path of ``SCAN_PATHS`` (today: cross_scan -> selective_scan -> cross_merge with
-    backend "triton") forward and backward in Triton's interpreter with every ``tl.load`` and
-    ``tl.store`` recorded, and prints per kernel launch the distinct bytes, bytes requested, 32-byte
-    sectors requested and the sector efficiency, with the ideal traffic of the block to compare.
+    Runs each path of ``SCAN_PATHS`` (cross_scan -> selective_scan -> cross_merge, and the fused
+    ss2d_scan, both with backend "triton") forward and backward in Triton's interpreter with
+    every ``tl.load`` and ``tl.store`` recorded, and prints per kernel launch the distinct bytes,
+    bytes requested, 32-byte sectors requested and the sector efficiency, with the ideal traffic
+    of the block to compare.
     Shapes: batch 1, 16x16 map, D=64, N=1 and batch 1, 12x10 map (H=12, W=10), D=32, N=4, fp32.
 
 The compile part needs Triton's compiled mode and the traffic part its interpreter, so when both

@@ -4,8 +4,8 @@ DESIGN.md ("Kernels") names what decides a kernel's speed on a GPU: coalescing, 
 parallel programs and no spills. This package measures what a CPU-only machine can see of them;
 ``tools/analysis_tools/kernel_report.py`` prints the tables.
 
-* ``paths``: the scan-block paths (``SCAN_PATHS``; a fused op is one more entry), their inputs
-  and their ideal traffic.
+* ``paths``: the scan-block paths (``SCAN_PATHS``: today's three ops and the fused
+  ``ss2d_scan``), their inputs and their ideal traffic.
 * ``launches``: captures the launches a path's host launchers make, on ``meta`` tensors.
 * ``compile_report``: compiles each distinct launch for sm_80/sm_90 and reads registers, spills,
   shared memory and the widths of the PTX global loads/stores.
@@ -32,6 +32,7 @@ from .compile_report import (
 )
 from .launches import CapturedLaunch, capture_launches, reported_sm_count
 from .paths import (
+    FUSED,
     GPU_SMS,
     ROUTES,
     SCAN_PATHS,
@@ -40,6 +41,7 @@ from .paths import (
     ScanPath,
     ideal_traffic,
     make_path_inputs,
+    natural_order,
 )
 from .sectors import (
     SECTOR_BYTES,
@@ -60,6 +62,7 @@ from .traffic import (
 __all__ = [
     "GPU_SMS",
     "ROUTES",
+    "FUSED",
     "SCAN_PATHS",
     "SECTOR_BYTES",
     "SEPARATE_OPS",
@@ -81,6 +84,7 @@ __all__ = [
     "format_accesses",
     "ideal_traffic",
     "make_path_inputs",
+    "natural_order",
     "measure_traffic",
     "nvidia_tool",
     "parse_resource_usage",

@@ -3,8 +3,8 @@
 ``SCAN_PATHS`` lists the ways of running the SS2D scan block (cross-scan, selective scan over the
 K=4 routes, cross-merge) on the Triton backend. Each ``ScanPath`` has a ``run`` (the public ops
 with autograd, for the traffic model) and a ``launch`` (the host launchers, forward then
-backward, on any tensors including ``meta`` ones, for the compile report). A fused op is one
-more entry.
+backward, on any tensors including ``meta`` ones, for the compile report): today's three ops
+(``SEPARATE_OPS``) and the fused ``ss2d_scan`` (``FUSED``).
 
 The ideal traffic of the block (image x in, merged y out; ``ideal_traffic``):
 
@@ -178,11 +178,57 @@ SEPARATE_OPS = ScanPath(
     sm_count_hooks=("vmamba_mm.ops.selective_scan.triton_scan:_num_sms",),
 )
 
-# A fused op is one more entry: for ``vmamba_mm.ops.ss2d_scan(..., backend="triton")``, a
-# ``ScanPath`` whose ``run`` calls the op on ``inputs`` (x, delta, A, B, C, D, delta_bias,
-# channel_last) and whose ``launch`` calls its forward and backward launchers, with the module
-# path of its SM-count helper in ``sm_count_hooks``. The tool and the tests pick it up from here.
-SCAN_PATHS: List[ScanPath] = [SEPARATE_OPS]
+
+
+def natural_order(inputs: PathInputs) -> Tuple[torch.Tensor, ...]:
+    """The block's inputs in the layout ``ss2d_scan`` reads, as SS2D produces them.
+
+    x becomes a channel-last view of a ``channels_last`` tensor [B, H, W, D] (the conv's output
+    in SS2D); delta, B and C become [B, H, W, K, D|N] (what SS2D's projections of x give). The
+    values are the route-ordered ones relaid, which the traffic does not depend on; the relayout
+    is PyTorch, so the traffic model does not count it.
+
+    Returns:
+        (x, delta, A, B, C, D, delta_bias) for ``ss2d_scan``.
+    """
+    batch, dim, height, width = inputs.x.shape
+    x = inputs.x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+
+    def relaid(routed: torch.Tensor) -> torch.Tensor:  # [B, K*C or K, C, L] -> [B, H, W, K, C]
+        routed = routed.reshape(batch, ROUTES, -1, height, width)
+        return routed.permute(0, 3, 4, 1, 2).contiguous()
+
+    return (x, relaid(inputs.delta), inputs.A, relaid(inputs.B), relaid(inputs.C), inputs.D,
+            inputs.delta_bias)
+
+
+def _fused_run(inputs: PathInputs) -> torch.Tensor:
+    # y is [B, H, W, D] in both SS2D layouts: SS2D normalises it where it lies (LayerNorm2d
+    # reads a permuted view), so its gradient also comes back channel-last. Returned as
+    # [B, L, D] whatever ``channel_last`` says.
+    from ..ss2d_scan import ss2d_scan
+
+    y = ss2d_scan(*natural_order(inputs), delta_softplus=True, backend="triton")
+    return y.flatten(1, 2)
+
+
+def _fused_launch(inputs: PathInputs) -> None:
+    from ..ss2d_scan.triton_ss2d import triton_ss2d_backward, triton_ss2d_forward
+
+    args = (*natural_order(inputs), True)
+    y, saved = triton_ss2d_forward(*args, "", True)
+    triton_ss2d_backward(torch.empty_like(y), *args, "", *saved)
+
+
+FUSED = ScanPath(
+    name="ss2d_scan (fused)",
+    description="one op: the four routes walked in place on natural-order inputs",
+    run=_fused_run,
+    launch=_fused_launch,
+    sm_count_hooks=("vmamba_mm.ops.ss2d_scan.triton_ss2d:_num_sms",),
+)
+
+SCAN_PATHS: List[ScanPath] = [SEPARATE_OPS, FUSED]
 
 
 def ideal_traffic(inputs: PathInputs) -> Dict[str, Tuple[int, int]]:

@@ -109,6 +109,17 @@ class _Geometry:
         return dict(T=self.steps, BLOCK_C=self.block_c, NP=self.n_pad, num_warps=self.warps)
 
 
+def channel_rows(tensor: Tensor) -> Tensor:
+    """``tensor`` itself when its last (channel or state) stride is 1, else a contiguous copy.
+
+    The kernels read every position's vector along the last dimension, once per route: with a
+    unit stride that is one coalesced row; with another stride every element is a sector of
+    its own. One copy is then cheaper than the four strided reads (a gradient arriving as a
+    transposed view, an x whose conv did not run in channels_last memory format).
+    """
+    return tensor if tensor.stride(-1) == 1 or tensor.shape[-1] == 1 else tensor.contiguous()
+
+
 def _strides(prefix: str, tensor: Tensor, names: str) -> dict:
     return {f"s{prefix}_{name}": stride for name, stride in zip(names, tensor.stride())}
 
@@ -178,6 +189,7 @@ def triton_ss2d_forward(
     """
     del scan_backend
     geo = _Geometry(x, A)
+    x, delta, B, C = (channel_rows(t) for t in (x, delta, B, C))
     A = A.contiguous()
     pairs = x.new_empty((2, geo.batch, geo.height, geo.width, geo.dim), dtype=torch.float32)
     parallel = geo.chunk_parallel(x.device)
@@ -234,13 +246,15 @@ def triton_ss2d_backward(
         _, saved = triton_ss2d_forward(x, delta, A, B, C, D, delta_bias, delta_softplus)
     (h_ckpt,) = saved
     geo = _Geometry(x, A)
+    x_dtype = x.dtype
+    dy, x, delta, B, C = (channel_rows(t) for t in (dy, x, delta, B, C))
     A = A.contiguous()
     f32 = dict(dtype=torch.float32)
     parallel = geo.chunk_parallel(x.device)
     chunks_per_prog = 1 if parallel else geo.n_chunks
     n_seg = geo.n_chunks // chunks_per_prog
     dx_pairs = x.new_empty((2, geo.batch, geo.height, geo.width, geo.dim), **f32)
-    ddelta = delta.new_empty(delta.shape)
+    ddelta = delta.new_empty(delta.shape)  # contiguous: the kernel computes its offsets so
     routed = (geo.n_cblk, geo.batch, geo.height, geo.width, ROUTES, geo.d_state)
     dB_part, dC_part = B.new_empty(routed, **f32), C.new_empty(routed, **f32)
     dA_part = A.new_empty((geo.batch, n_seg, ROUTES * geo.dim, geo.d_state))
@@ -265,7 +279,7 @@ def triton_ss2d_backward(
             n_cblk=geo.n_cblk, n_seg=n_seg, **_flags(D, delta_bias, delta_softplus),
             FROM_CKPT=parallel, **geo.tiles(),
         )
-    dx = torch.add(dx_pairs[0], dx_pairs[1]).to(x.dtype)
+    dx = torch.add(dx_pairs[0], dx_pairs[1]).to(x_dtype)
     dA = dA_part.sum((0, 1))
     dB = dB_part.sum(0).to(B.dtype)
     dC = dC_part.sum(0).to(C.dtype)
