@@ -231,9 +231,11 @@ def test_fused_path_reads_near_the_ideal_with_coalesced_accesses():
         ideal_read, ideal_write = result.ideal[phase]
         assert loads.distinct_bytes <= 1.5 * ideal_read, phase
         assert loads.efficiency >= 0.7 and stores.efficiency >= 0.7, phase
-    # The backward writes each gradient once, plus dx's pair buffer and dB/dC partials.
-    _, stores = result.phase_totals("backward")
-    assert stores.distinct_bytes <= 1.5 * result.ideal["backward"][1]
+    # Stores: y and dx written once (one program walks the four routes), plus the checkpoints
+    # and the dB/dC partials per channel block.
+    for phase in ("forward", "backward"):
+        _, stores = result.phase_totals(phase)
+        assert stores.distinct_bytes <= 1.5 * result.ideal[phase][1], phase
     # x's bytes: read by the forward once per route pair program, never copied per route.
     forward = result.launches[0]
     x_start, x_end = forward.arguments["x_ptr"]

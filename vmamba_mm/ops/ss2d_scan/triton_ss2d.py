@@ -1,21 +1,23 @@
 """The "triton" backend of ``ss2d_scan``: host launchers of the fused four-route kernels.
 
-The kernels are in ``triton_ss2d_kernels.py`` (their docstring explains routes, pairs, tiles
-and scans). This module picks tile sizes and the schedule, allocates results and partials, and
-finishes the merges that are cheap in PyTorch: y = pair 0 + pair 1, dx likewise, and the sums of
-the per-channel-block and per-segment partials of dB, dC, dA, dD and d(delta_bias). Nothing
-here reads tensor values on the host, and it runs on ``meta`` tensors (the compile report
-replaces Triton's launch and records what would run).
+The kernels are in ``triton_ss2d_kernels.py`` (their docstring explains routes, route groups,
+checkpoints, tiles and scans). This module picks tile sizes and the schedule, allocates results
+and partials, and finishes the merges that are cheap in PyTorch: the sums of the per-channel-block
+and per-segment partials of dB, dC, dA, dD and d(delta_bias), and in the chunk-parallel schedule
+y = pair 0 + pair 1 (dx likewise). Nothing here reads tensor values on the host, and it runs on
+``meta`` tensors (the compile report replaces Triton's launch and records what would run).
 
-Schedules, chosen per call from the number of (batch, route pair, channel block) programs:
+Schedules, chosen per call from the number of (batch, channel block) programs:
 
-* sequential: one program walks all chunks of its pair; the forward writes the checkpoints
-  (the state entering every route chunk) on the way. One read of each input per route.
+* sequential: one program walks all chunks of all four routes of its channel block, writing y
+  (dx) once; the forward writes the checkpoints (the state entering every route chunk but the
+  first) on the way. One read of each input per route.
 * chunk-parallel: when those programs would leave most of the GPU idle AND the routes are
   long (at least ``MIN_PARALLEL_CHUNKS`` chunks). ``ss2d_chunk_state_kernel`` computes every
   route chunk's contribution from a zero carry, ``ss2d_propagate_kernel`` carries it along the
-  route, then the output kernel runs every chunk from its checkpoint. It reads x, delta and B
-  (C and dy in the backward) a second time, so it is not used where the walk it saves is short.
+  route, then the output kernels run every (route pair, chunk) from its checkpoint. It reads x,
+  delta and B (C and dy in the backward) a second time, and y (dx) goes through two pair
+  buffers, so it is not used where the walk it saves is short.
 
 No float atomics: every sum has a fixed order, so results are bitwise repeatable.
 """
@@ -73,7 +75,12 @@ def _on_device(device: torch.device):
 
 
 def use_chunk_parallel(programs: int, n_chunks: int, device: torch.device) -> bool:
-    """Whether to split the routes into independently walked chunks (see the module doc)."""
+    """Whether to split the routes into independently walked chunks (see the module doc).
+
+    Args:
+        programs: programs of the sequential schedule, one per (batch, channel block).
+        n_chunks: route chunks per route.
+    """
     sms = _num_sms(device)
     if sms is None:
         return False  # the interpreter runs programs one after the other
@@ -90,16 +97,28 @@ class _Geometry:
         self.steps, self.block_c, self.n_pad = tile_sizes(self.dim, self.d_state, self.length)
         self.n_chunks = triton.cdiv(self.length, self.steps)
         self.n_cblk = triton.cdiv(self.dim, self.block_c)
-        self.programs = self.batch * 2 * self.n_cblk  # per segment
         self.warps = _num_warps(self.steps, self.block_c, self.n_pad)
 
-    def chunk_parallel(self, device: torch.device) -> bool:
-        return use_chunk_parallel(self.programs, self.n_chunks, device)
+    def schedule(self, device: torch.device) -> "_Schedule":
+        if use_chunk_parallel(self.batch * self.n_cblk, self.n_chunks, device):
+            return _Schedule(self, parallel=True, routes_per_program=2, chunks_per_prog=1)
+        return _Schedule(self, parallel=False, routes_per_program=ROUTES,
+                         chunks_per_prog=self.n_chunks)
+
+    def per_route_chunk(self, like: Tensor, n_chunks: int) -> Tensor:
+        """Empty fp32 [batch, 4, n_chunks, D, N]."""
+        return like.new_empty((self.batch, ROUTES, n_chunks, self.dim, self.d_state),
+                              dtype=torch.float32)
 
     def checkpoints(self, like: Tensor) -> Tensor:
-        """Empty fp32 [batch, 4, n_chunks, D, N]: the state entering each route chunk."""
-        return like.new_empty((self.batch, ROUTES, self.n_chunks, self.dim, self.d_state),
-                              dtype=torch.float32)
+        """Empty fp32 [batch, 4, n_chunks - 1, D, N]: the carries entering the route chunks
+        (the zero one at each route's start is not stored; see the kernels' docstring)."""
+        return self.per_route_chunk(like, self.n_chunks - 1)
+
+    def image_buffer(self, like: Tensor, groups: int) -> Tensor:
+        """Empty fp32 [batch, H, W, D], or [groups, batch, H, W, D] for several route groups."""
+        shape = (self.batch, self.height, self.width, self.dim)
+        return like.new_empty(shape if groups == 1 else (groups, *shape), dtype=torch.float32)
 
     def sizes(self) -> dict:
         return dict(H=self.height, W=self.width, L=self.length, DIM=self.dim, N=self.d_state,
@@ -107,6 +126,27 @@ class _Geometry:
 
     def tiles(self) -> dict:
         return dict(T=self.steps, BLOCK_C=self.block_c, NP=self.n_pad, num_warps=self.warps)
+
+
+class _Schedule:
+    """How a call's output kernels split the work (see the module doc)."""
+
+    def __init__(self, geo: _Geometry, parallel: bool, routes_per_program: int,
+                 chunks_per_prog: int) -> None:
+        self.parallel = parallel
+        self.routes_per_program = routes_per_program
+        self.groups = ROUTES // routes_per_program
+        self.chunks_per_prog = chunks_per_prog
+        self.n_seg = geo.n_chunks // chunks_per_prog
+        self.programs = geo.batch * self.groups * geo.n_cblk * self.n_seg
+
+    def launch(self) -> dict:
+        return dict(chunks_per_prog=self.chunks_per_prog, n_seg=self.n_seg,
+                    FROM_CKPT=self.parallel, ROUTES_PER_PROGRAM=self.routes_per_program)
+
+    def merged(self, buffer: Tensor) -> Tensor:
+        """The sum over the route groups' slots of an ``image_buffer``."""
+        return buffer if self.groups == 1 else torch.add(buffer[0], buffer[1])
 
 
 def channel_rows(tensor: Tensor) -> Tensor:
@@ -131,13 +171,14 @@ def _flags(D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bo
 
 def _carried(geo: _Geometry, inputs: Tensor, delta: Tensor, M: Tensor, A: Tensor,
              delta_bias: Optional[Tensor], delta_softplus: bool, gradient: bool) -> Tensor:
-    """The chunk-parallel carries: the state (or state gradient) entering every route chunk.
+    """The chunk-parallel carries, [batch, 4, n_chunks - 1, D, N]: the state entering route
+    chunks 1 .. n - 1 (or the state gradient entering route chunks 0 .. n - 2).
 
     Args:
         inputs: x (forward) or dy (gradient), [batch, H, W, D].
         M: B (forward) or C (gradient), [batch, H, W, 4, N].
     """
-    loc = geo.checkpoints(A)
+    loc = geo.per_route_chunk(A, geo.n_chunks)
     dsum = A.new_empty((geo.batch, ROUTES, geo.n_chunks, geo.dim))
     kernels.ss2d_chunk_state_kernel[(geo.batch * ROUTES * geo.n_cblk * geo.n_chunks,)](
         x_ptr=inputs, delta_ptr=delta, M_ptr=M, A_ptr=A,
@@ -185,35 +226,31 @@ def triton_ss2d_forward(
 
     Returns:
         (y, saved): y fp32 [batch, H, W, D], contiguous; saved = [h_ckpt] (fp32 [batch, 4,
-        n_chunks, D, N], the state entering every route chunk) when ``keep``, else [].
+        n_chunks - 1, D, N], the state entering every route chunk but the first) when ``keep``,
+        else [].
     """
     del scan_backend
     geo = _Geometry(x, A)
     x, delta, B, C = (channel_rows(t) for t in (x, delta, B, C))
     A = A.contiguous()
-    pairs = x.new_empty((2, geo.batch, geo.height, geo.width, geo.dim), dtype=torch.float32)
-    parallel = geo.chunk_parallel(x.device)
+    plan = geo.schedule(x.device)
+    y_groups = geo.image_buffer(x, plan.groups)
     with _on_device(x.device):
-        if parallel:
+        if plan.parallel:
             h_ckpt = _carried(geo, x, delta, B, A, delta_bias, delta_softplus, gradient=False)
-            chunks_per_prog = 1
         else:
             h_ckpt = geo.checkpoints(x)
-            chunks_per_prog = geo.n_chunks
-        n_seg = geo.n_chunks // chunks_per_prog
-        kernels.ss2d_forward_kernel[(geo.programs * n_seg,)](
+        kernels.ss2d_forward_kernel[(plan.programs,)](
             x_ptr=x, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C,
             D_ptr=A if D is None else D.contiguous(),
             bias_ptr=A if delta_bias is None else delta_bias.contiguous(),
-            y_ptr=pairs, hck_ptr=h_ckpt,
+            y_ptr=y_groups, hck_ptr=h_ckpt,
             **_strides("x", x, "bhwd"), **_strides("d", delta, "bhwkd"),
             **_strides("B", B, "bhwkn"), **_strides("C", C, "bhwkn"),
-            BATCH=geo.batch, **geo.sizes(), chunks_per_prog=chunks_per_prog,
-            n_cblk=geo.n_cblk, n_seg=n_seg, **_flags(D, delta_bias, delta_softplus),
-            FROM_CKPT=parallel, **geo.tiles(),
+            BATCH=geo.batch, **geo.sizes(), n_cblk=geo.n_cblk, **plan.launch(),
+            **_flags(D, delta_bias, delta_softplus), **geo.tiles(),
         )
-    y = torch.add(pairs[0], pairs[1])
-    return y, ([h_ckpt] if keep else [])
+    return plan.merged(y_groups), ([h_ckpt] if keep else [])
 
 
 def triton_ss2d_backward(
@@ -250,10 +287,9 @@ def triton_ss2d_backward(
     dy, x, delta, B, C = (channel_rows(t) for t in (dy, x, delta, B, C))
     A = A.contiguous()
     f32 = dict(dtype=torch.float32)
-    parallel = geo.chunk_parallel(x.device)
-    chunks_per_prog = 1 if parallel else geo.n_chunks
-    n_seg = geo.n_chunks // chunks_per_prog
-    dx_pairs = x.new_empty((2, geo.batch, geo.height, geo.width, geo.dim), **f32)
+    plan = geo.schedule(x.device)
+    n_seg = plan.n_seg
+    dx_groups = geo.image_buffer(x, plan.groups)
     ddelta = delta.new_empty(delta.shape)  # contiguous: the kernel computes its offsets so
     routed = (geo.n_cblk, geo.batch, geo.height, geo.width, ROUTES, geo.d_state)
     dB_part, dC_part = B.new_empty(routed, **f32), C.new_empty(routed, **f32)
@@ -261,25 +297,24 @@ def triton_ss2d_backward(
     dD_part = A.new_empty((geo.batch, n_seg, ROUTES * geo.dim))
     dbias_part = A.new_empty((geo.batch, n_seg, ROUTES * geo.dim))
     with _on_device(x.device):
-        if parallel:
+        if plan.parallel:
             g_ckpt = _carried(geo, dy, delta, C, A, delta_bias, delta_softplus, gradient=True)
         else:
             g_ckpt = h_ckpt  # not read
-        kernels.ss2d_backward_kernel[(geo.programs * n_seg,)](
+        kernels.ss2d_backward_kernel[(plan.programs,)](
             dy_ptr=dy, x_ptr=x, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C,
             D_ptr=A if D is None else D.contiguous(),
             bias_ptr=A if delta_bias is None else delta_bias.contiguous(),
-            hck_ptr=h_ckpt, gck_ptr=g_ckpt, dx_ptr=dx_pairs, ddelta_ptr=ddelta,
+            hck_ptr=h_ckpt, gck_ptr=g_ckpt, dx_ptr=dx_groups, ddelta_ptr=ddelta,
             dA_ptr=dA_part, dD_ptr=dD_part, dbias_ptr=dbias_part, dB_ptr=dB_part,
             dC_ptr=dC_part,
             **_strides("g", dy, "bhwd"), **_strides("x", x, "bhwd"),
             **_strides("d", delta, "bhwkd"), **_strides("B", B, "bhwkn"),
             **_strides("C", C, "bhwkn"),
-            BATCH=geo.batch, **geo.sizes(), chunks_per_prog=chunks_per_prog,
-            n_cblk=geo.n_cblk, n_seg=n_seg, **_flags(D, delta_bias, delta_softplus),
-            FROM_CKPT=parallel, **geo.tiles(),
+            BATCH=geo.batch, **geo.sizes(), n_cblk=geo.n_cblk, **plan.launch(),
+            **_flags(D, delta_bias, delta_softplus), **geo.tiles(),
         )
-    dx = torch.add(dx_pairs[0], dx_pairs[1]).to(x_dtype)
+    dx = plan.merged(dx_groups).to(x_dtype)
     dA = dA_part.sum((0, 1))
     dB = dB_part.sum(0).to(B.dtype)
     dC = dC_part.sum(0).to(C.dtype)

@@ -2,7 +2,8 @@
 
 The host side (tile sizes, schedules, buffers) is in ``triton_ss2d.py``; the math is that of
 ``naive.py``. Every kernel works on *tiles*: a program owns ``BLOCK_C`` consecutive channels of one
-route (or of a pair of routes, below) and walks the route ``T`` steps at a time. For each tile it
+route (or of several routes, one after the other: route groups, below) and walks the route
+``T`` steps at a time. For each tile it
 loads, for the ``T`` positions the route visits, the channel vectors of x, delta, dy ([T, BLOCK_C]
 tiles whose rows are contiguous in the channel-last tensors: coalesced, whatever the route) and
 the B/C vectors ([T, NP]), then solves the recurrence over the tile with an associative scan
@@ -15,10 +16,18 @@ forwards for k < 2 and backwards for k >= 2. Position chunk j holds the base ind
 the order n - 1, ..., 0, and inside a chunk it visits the base indices from the top. "Route chunk
 r" is the r-th chunk a route meets; its checkpoint is the state entering it.
 
-Pairs. Routes o and o + 2 (o = 0, 1) visit the same positions of a position chunk. A program of
-the output kernels runs route o, then route o + 2, over the same chunks, and adds the second
-route's y (or dx) to the first one's in place: the sum over a pair needs no atomics and has a
-fixed order. The two pairs write two buffers that the host adds (``y = pair0 + pair1``).
+Route groups. The output kernels walk several routes per program, one after the other, and
+add each route's y (or dx) to what the routes before it stored, in place: the sum over the routes
+needs no atomics and has a fixed order. In the sequential schedule a program walks all four routes
+of its channel block (``ROUTES_PER_PROGRAM = 4``, order 0, 2, 1, 3) and y is written once. The
+chunk-parallel schedule splits the routes into chunks, and routes 0 and 1 meet different positions
+in a chunk, so a program there walks a pair of routes o and o + 2 (``ROUTES_PER_PROGRAM = 2``), which
+visit the same positions; the two pairs write two buffers that the host adds.
+
+Checkpoints. ``hck`` ([batch, 4, n_chunks - 1, D, N] fp32) holds the state entering route chunks
+1 .. n - 1 (slot r - 1); the state entering route chunk 0 is zero and is not stored. The
+chunk-parallel gradient carries (``gck``, same shape) hold the state gradient entering route
+chunks 0 .. n - 2 (slot r); the last route chunk's is zero.
 
 Scans. Forward state h_t = a_t h_{t-1} + b_t (a_t = exp(dt_t A), b_t = dt_t x_t B_t) is a
 forward scan of (a, b) pairs. The backward state gradient g_t = c_t + a_{t+1} g_{t+1} (c_t = C_t
@@ -119,13 +128,30 @@ def _tile_states(dt, x, A, Bt, h_in):
 
 
 @triton.jit
-def _decode_tile(pid, n_cblk, n_seg):
+def _decode_tile(pid, n_cblk, n_seg, GROUPS: tl.constexpr):
+    """(batch, route group, channel block, segment) of an output-kernel program."""
     seg = pid % n_seg
     rest = pid // n_seg
     cblk = rest % n_cblk
     rest = rest // n_cblk
-    return rest // 2, rest % 2, cblk, seg
+    return rest // GROUPS, rest % GROUPS, cblk, seg
 
+
+@triton.jit
+def _group_route(o, i: tl.constexpr):
+    """The i-th route a program of route group o walks: o, o + 2 (then 1, 3 for a group of four).
+
+    A route and its reverse come one after the other: they visit the same positions chunk by
+    chunk, and the backward route (i odd) meets the chunks from the last.
+    """
+    return o + 2 * (i % 2) + i // 2
+
+
+@triton.jit
+def _checkpoint(ptr, ck, slot, valid, DIM, N, mask):
+    """The [BLOCK_C, NP] state in checkpoint ``slot`` (zeros where not ``valid``)."""
+    slot = tl.maximum(slot, 0).to(tl.int64)
+    return tl.load(ptr + ck + slot * DIM * N, mask=mask & valid, other=0.0)
 
 
 @triton.jit
@@ -171,17 +197,20 @@ def ss2d_forward_kernel(
     sC_b, sC_h, sC_w, sC_k, sC_n,
     BATCH, H, W, L, DIM, N, n_chunks, chunks_per_prog, n_cblk, n_seg,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    FROM_CKPT: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr, NP: tl.constexpr,
+    FROM_CKPT: tl.constexpr, ROUTES_PER_PROGRAM: tl.constexpr,
+    T: tl.constexpr, BLOCK_C: tl.constexpr, NP: tl.constexpr,
 ):
-    """y of one pair of routes over a segment of position chunks.
+    """y of a group of routes over a segment of position chunks.
 
-    Program (batch, pair o, channel block, segment) runs route o over the segment's position
-    chunks, storing y into slot o of ``y_ptr`` ([2, BATCH, H, W, DIM] fp32), then route o + 2
-    over the same positions, adding to it. FROM_CKPT: every route chunk starts from its checkpoint
-    (the chunk-parallel schedule, one chunk per segment); otherwise the walk starts from zero and
-    writes the checkpoint of each route chunk it enters. h_ckpt: [BATCH, 4, n_chunks, DIM, N].
+    Program (batch, group o, channel block, segment) walks the group's routes in turn
+    (``_group_route``) over the segment's position chunks: the first stores y into slot o of
+    ``y_ptr`` ([4 // ROUTES_PER_PROGRAM, BATCH, H, W, DIM] fp32), the others add to it.
+    FROM_CKPT: every route chunk starts from its checkpoint (the chunk-parallel schedule, one
+    chunk per segment); otherwise the walk starts from zero and writes the checkpoint of each
+    route chunk it enters after the first. hck: [BATCH, 4, n_chunks - 1, DIM, N].
     """
-    b, o, cblk, seg = _decode_tile(tl.program_id(0), n_cblk, n_seg)
+    GROUPS: tl.constexpr = 4 // ROUTES_PER_PROGRAM
+    b, o, cblk, seg = _decode_tile(tl.program_id(0), n_cblk, n_seg, GROUPS)
     d = _channels(cblk, BLOCK_C)
     cmask = d < DIM
     n = tl.arange(0, NP)
@@ -190,43 +219,45 @@ def ss2d_forward_kernel(
     state_mask = cmask[:, None] & nmask[None, :]
     b64 = b.to(tl.int64)
     y_base = (o * BATCH + b64) * L * DIM
-    for half in tl.static_range(2):
-        k = o + 2 * half
+    for i in tl.static_range(ROUTES_PER_PROGRAM):
+        k = _group_route(o, i)
+        order = k % 2
         A, bias, Dv = _route_params(A_ptr, D_ptr, bias_ptr, k, d, cmask, n, nmask, DIM, N,
                                     HAS_D, HAS_BIAS)
-        ck = ((b64 * 4 + k) * n_chunks * DIM + d[:, None]) * N + n[None, :]
-        if half == 0:
+        ck = ((b64 * 4 + k) * (n_chunks - 1) * DIM + d[:, None]) * N + n[None, :]
+        if i % 2 == 0:
             r_first = seg * chunks_per_prog
         else:
             r_first = n_chunks - (seg + 1) * chunks_per_prog
         if FROM_CKPT:
-            h = tl.load(hck_ptr + ck + r_first.to(tl.int64) * DIM * N, mask=state_mask, other=0.0)
+            h = _checkpoint(hck_ptr, ck, r_first - 1, r_first > 0, DIM, N, state_mask)
         else:
             h = tl.zeros([BLOCK_C, NP], dtype=tl.float32)
         for rr in range(0, chunks_per_prog):
             r = r_first + rr
             if not FROM_CKPT:
-                tl.store(hck_ptr + ck + r.to(tl.int64) * DIM * N, h, mask=state_mask)
-            q, ok = _route_rows(r, n_chunks, L, half == 0, T)
-            x = _gather(x_ptr, q, ok, o, H, W, b64 * sx_b, sx_h, sx_w, d * sx_d, cmask)
-            v = _gather(delta_ptr, q, ok, o, H, W, b64 * sd_b + k * sd_k, sd_h, sd_w,
+                tl.store(hck_ptr + ck + tl.maximum(r - 1, 0).to(tl.int64) * DIM * N, h,
+                         mask=state_mask & (r > 0))
+            q, ok = _route_rows(r, n_chunks, L, i % 2 == 0, T)
+            x = _gather(x_ptr, q, ok, order, H, W, b64 * sx_b, sx_h, sx_w, d * sx_d, cmask)
+            v = _gather(delta_ptr, q, ok, order, H, W, b64 * sd_b + k * sd_k, sd_h, sd_w,
                         d * sd_d, cmask)
-            Bt = _gather(B_ptr, q, ok, o, H, W, b64 * sB_b + k * sB_k, sB_h, sB_w, n * sB_n,
-                         nmask)
-            Ct = _gather(C_ptr, q, ok, o, H, W, b64 * sC_b + k * sC_k, sC_h, sC_w, n * sC_n,
-                         nmask)
+            Bt = _gather(B_ptr, q, ok, order, H, W, b64 * sB_b + k * sB_k, sB_h, sB_w,
+                         n * sB_n, nmask)
+            Ct = _gather(C_ptr, q, ok, order, H, W, b64 * sC_b + k * sC_k, sC_h, sC_w,
+                         n * sC_n, nmask)
             ok_tile = ok[:, None] & cmask[None, :]
             dt, _ = _time_steps(v, bias, ok_tile, HAS_BIAS, SOFTPLUS)
             states, _, _ = _tile_states(dt, x, A, Bt, h)
             y = tl.sum(states * Ct[:, None, :], 2) + Dv[None, :] * x
-            y_rows = _position_offsets(q, ok, o, H, W, y_base, W * DIM, DIM)
+            y_rows = _position_offsets(q, ok, order, H, W, y_base, W * DIM, DIM)
             y_ptrs = y_ptr + y_rows[:, None] + d[None, :]
-            if half == 1:
+            if i > 0:
                 y += tl.load(y_ptrs, mask=ok_tile, other=0.0)
             tl.store(y_ptrs, y, mask=ok_tile)
             h = _last_row(states, rows, T)
-        if half == 0:
-            # Route o + 2 reads what the other threads of this program stored for route o.
+        if i + 1 < ROUTES_PER_PROGRAM:
+            # The next route adds to what other threads of this program stored for this one.
             tl.debug_barrier()
 
 
@@ -283,11 +314,13 @@ def ss2d_propagate_kernel(
     loc_ptr, dsum_ptr, A_ptr, out_ptr, DIM, N, n_chunks,
     GRADIENT: tl.constexpr, BLOCK_C: tl.constexpr, NP: tl.constexpr,
 ):
-    """Carries the chunk contributions along each route: out[r] = state entering route chunk r.
+    """Carries the chunk contributions along each route into ``out`` [BATCH, 4, n_chunks - 1, DIM, N].
 
-    Program (batch * 4 + route k, channel block). Forward: out[0] = 0,
-    out[r + 1] = exp(A dsum[r]) out[r] + loc[r]. Gradient (from the route's end):
-    out[n - 1] = 0, out[r - 1] = exp(A dsum[r]) out[r] + loc[r].
+    Program (batch * 4 + route k, channel block). Forward: with s_0 = 0 and
+    s_{r+1} = exp(A dsum[r]) s_r + loc[r], the state entering route chunk r >= 1 goes to slot
+    r - 1. Gradient (from the route's end): with g_{n-1} = 0 and
+    g_{r-1} = exp(A dsum[r]) g_r + loc[r], the gradient entering route chunk r <= n - 2 goes to
+    slot r. The zero carries at the walk's start are not stored.
     """
     route_row = tl.program_id(0).to(tl.int64)  # batch * 4 + k
     k = tl.program_id(0) % 4
@@ -298,16 +331,19 @@ def ss2d_propagate_kernel(
     mask = cmask[:, None] & nmask[None, :]
     A, _, _ = _route_params(A_ptr, A_ptr, A_ptr, k, d, cmask, n, nmask, DIM, N, False, False)
     state = tl.zeros([BLOCK_C, NP], dtype=tl.float32)
-    for i in range(0, n_chunks):
+    for i in range(0, n_chunks - 1):
         if GRADIENT:
             r = n_chunks - 1 - i
+            slot = r - 1
         else:
             r = i
+            slot = r
         chunk_row = route_row * n_chunks + r
         offsets = (chunk_row * DIM + d[:, None]) * N + n[None, :]
-        tl.store(out_ptr + offsets, state, mask=mask)
         dsum = tl.load(dsum_ptr + chunk_row * DIM + d, mask=cmask, other=0.0)
         state = tl.exp(dsum[:, None] * A) * state + tl.load(loc_ptr + offsets, mask=mask, other=0.0)
+        out_row = route_row * (n_chunks - 1) + slot
+        tl.store(out_ptr + (out_row * DIM + d[:, None]) * N + n[None, :], state, mask=mask)
 
 
 @triton.jit
@@ -321,24 +357,27 @@ def ss2d_backward_kernel(
     sC_b, sC_h, sC_w, sC_k, sC_n,
     BATCH, H, W, L, DIM, N, n_chunks, chunks_per_prog, n_cblk, n_seg,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    FROM_CKPT: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr, NP: tl.constexpr,
+    FROM_CKPT: tl.constexpr, ROUTES_PER_PROGRAM: tl.constexpr,
+    T: tl.constexpr, BLOCK_C: tl.constexpr, NP: tl.constexpr,
 ):
-    """Gradients of one pair of routes over a segment of position chunks.
+    """Gradients of a group of routes over a segment of position chunks.
 
-    Program (batch, pair o, channel block, segment) walks route o's route chunks of the segment
-    from the last to the first, then route o + 2's. Each chunk recomputes its states from h_ckpt,
-    runs the state gradient back through the chunk (dy is read once per route: y is the routes'
-    sum), and writes:
+    Program (batch, group o, channel block, segment) walks the group's routes in turn
+    (``_group_route``), each over the segment's route chunks from the last to the first. Each
+    chunk recomputes its states from hck, runs the state gradient back through the chunk (dy is
+    read once per route: y is the routes' sum), and writes:
 
-    * dx: slot o of ``dx_ptr`` ([2, BATCH, H, W, DIM] fp32): route o stores, route o + 2 adds;
+    * dx: slot o of ``dx_ptr`` ([4 // ROUTES_PER_PROGRAM, BATCH, H, W, DIM] fp32): the group's
+      first route stores, the others add;
     * d(delta): ``ddelta_ptr`` [BATCH, H, W, 4, DIM] (delta's dtype), route k's slot;
     * dB, dC: per channel block, ``dB_ptr``/``dC_ptr`` [n_cblk, BATCH, H, W, 4, N] fp32;
     * dA, dD, d(delta_bias): per (batch, segment), [BATCH, n_seg, 4 * DIM(, N)] fp32.
 
-    FROM_CKPT: the state gradient entering each segment comes from g_ckpt (chunk-parallel
+    FROM_CKPT: the state gradient entering each segment comes from gck (chunk-parallel
     schedule); otherwise the segment ends the route and it starts from zero.
     """
-    b, o, cblk, seg = _decode_tile(tl.program_id(0), n_cblk, n_seg)
+    GROUPS: tl.constexpr = 4 // ROUTES_PER_PROGRAM
+    b, o, cblk, seg = _decode_tile(tl.program_id(0), n_cblk, n_seg, GROUPS)
     d = _channels(cblk, BLOCK_C)
     cmask = d < DIM
     n = tl.arange(0, NP)
@@ -348,18 +387,18 @@ def ss2d_backward_kernel(
     b64 = b.to(tl.int64)
     dx_base = (o * BATCH + b64) * L * DIM
     part_base = (cblk * BATCH + b64) * L * 4 * N
-    for half in tl.static_range(2):
-        k = o + 2 * half
+    for i in tl.static_range(ROUTES_PER_PROGRAM):
+        k = _group_route(o, i)
+        order = k % 2
         A, bias, Dv = _route_params(A_ptr, D_ptr, bias_ptr, k, d, cmask, n, nmask, DIM, N,
                                     HAS_D, HAS_BIAS)
-        ck = ((b64 * 4 + k) * n_chunks * DIM + d[:, None]) * N + n[None, :]
-        if half == 0:
+        ck = ((b64 * 4 + k) * (n_chunks - 1) * DIM + d[:, None]) * N + n[None, :]
+        if i % 2 == 0:
             r_last = seg * chunks_per_prog + chunks_per_prog - 1
         else:
             r_last = n_chunks - seg * chunks_per_prog - 1
         if FROM_CKPT:
-            g_in = tl.load(gck_ptr + ck + r_last.to(tl.int64) * DIM * N, mask=state_mask,
-                           other=0.0)
+            g_in = _checkpoint(gck_ptr, ck, r_last, r_last < n_chunks - 1, DIM, N, state_mask)
         else:
             g_in = tl.zeros([BLOCK_C, NP], dtype=tl.float32)
         dA_acc = tl.zeros([BLOCK_C, NP], dtype=tl.float32)
@@ -367,19 +406,19 @@ def ss2d_backward_kernel(
         dbias_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for rr in range(0, chunks_per_prog):
             r = r_last - rr
-            q, ok = _route_rows(r, n_chunks, L, half == 0, T)
+            q, ok = _route_rows(r, n_chunks, L, i % 2 == 0, T)
             ok_tile = ok[:, None] & cmask[None, :]
             ok_state = ok[:, None] & nmask[None, :]
-            x = _gather(x_ptr, q, ok, o, H, W, b64 * sx_b, sx_h, sx_w, d * sx_d, cmask)
-            v = _gather(delta_ptr, q, ok, o, H, W, b64 * sd_b + k * sd_k, sd_h, sd_w,
+            x = _gather(x_ptr, q, ok, order, H, W, b64 * sx_b, sx_h, sx_w, d * sx_d, cmask)
+            v = _gather(delta_ptr, q, ok, order, H, W, b64 * sd_b + k * sd_k, sd_h, sd_w,
                         d * sd_d, cmask)
-            Bt = _gather(B_ptr, q, ok, o, H, W, b64 * sB_b + k * sB_k, sB_h, sB_w, n * sB_n,
-                         nmask)
-            Ct = _gather(C_ptr, q, ok, o, H, W, b64 * sC_b + k * sC_k, sC_h, sC_w, n * sC_n,
-                         nmask)
-            gy = _gather(dy_ptr, q, ok, o, H, W, b64 * sg_b, sg_h, sg_w, d * sg_d, cmask)
+            Bt = _gather(B_ptr, q, ok, order, H, W, b64 * sB_b + k * sB_k, sB_h, sB_w,
+                         n * sB_n, nmask)
+            Ct = _gather(C_ptr, q, ok, order, H, W, b64 * sC_b + k * sC_k, sC_h, sC_w,
+                         n * sC_n, nmask)
+            gy = _gather(dy_ptr, q, ok, order, H, W, b64 * sg_b, sg_h, sg_w, d * sg_d, cmask)
             dt, dsp = _time_steps(v, bias, ok_tile, HAS_BIAS, SOFTPLUS)
-            h_in = tl.load(hck_ptr + ck + r.to(tl.int64) * DIM * N, mask=state_mask, other=0.0)
+            h_in = _checkpoint(hck_ptr, ck, r - 1, r > 0, DIM, N, state_mask)
             states, a, bx = _tile_states(dt, x, A, Bt, h_in)
             # The state gradient, in flipped step order (row i is step T - 1 - i).
             a_f = tl.flip(a, 0)
@@ -399,16 +438,17 @@ def ss2d_backward_kernel(
             dB_t = tl.sum(g * dtx[:, :, None], 1)
             dC_t = tl.sum(states * gy[:, :, None], 1)
 
-            dx_rows = _position_offsets(q, ok, o, H, W, dx_base, W * DIM, DIM)
+            dx_rows = _position_offsets(q, ok, order, H, W, dx_base, W * DIM, DIM)
             dx_ptrs = dx_ptr + dx_rows[:, None] + d[None, :]
-            if half == 1:
+            if i > 0:
                 dx += tl.load(dx_ptrs, mask=ok_tile, other=0.0)
             tl.store(dx_ptrs, dx, mask=ok_tile)
-            dd_rows = _position_offsets(q, ok, o, H, W, b64 * L * 4 * DIM + k * DIM,
+            dd_rows = _position_offsets(q, ok, order, H, W, b64 * L * 4 * DIM + k * DIM,
                                         W * 4 * DIM, 4 * DIM)
             tl.store(ddelta_ptr + dd_rows[:, None] + d[None, :],
                      ddt.to(ddelta_ptr.dtype.element_ty), mask=ok_tile)
-            part_rows = _position_offsets(q, ok, o, H, W, part_base + k * N, W * 4 * N, 4 * N)
+            part_rows = _position_offsets(q, ok, order, H, W, part_base + k * N, W * 4 * N,
+                                          4 * N)
             tl.store(dB_ptr + part_rows[:, None] + n[None, :], dB_t, mask=ok_state)
             tl.store(dC_ptr + part_rows[:, None] + n[None, :], dC_t, mask=ok_state)
             # Carried into the route chunk before this one: a_first * g_first.
@@ -417,6 +457,6 @@ def ss2d_backward_kernel(
         tl.store(dA_ptr + seg_row[:, None] * N + n[None, :], dA_acc, mask=state_mask)
         tl.store(dD_ptr + seg_row, dD_acc, mask=cmask)
         tl.store(dbias_ptr + seg_row, dbias_acc, mask=cmask)
-        if half == 0:
-            # Route o + 2 adds to the dx that the other threads of this program stored.
+        if i + 1 < ROUTES_PER_PROGRAM:
+            # The next route adds to the dx that other threads of this program stored.
             tl.debug_barrier()
