@@ -59,6 +59,7 @@ run_srun() {
     require_count GPUS_PER_NODE "$gpus_per_node"
     local -a srun_args=()
     read -r -a srun_args <<< "${SRUN_ARGS:-}"
+    # Expanded as ${a[@]+"${a[@]}"}: under set -u, bash < 4.4 calls an empty "${a[@]}" unbound.
     exec srun -p "$partition" \
         --job-name="$job_name" \
         --gres=gpu:"$gpus_per_node" \
@@ -66,6 +67,6 @@ run_srun() {
         --ntasks-per-node="$gpus_per_node" \
         --cpus-per-task="${CPUS_PER_TASK:-5}" \
         --kill-on-bad-exit=1 \
-        "${srun_args[@]}" \
+        ${srun_args[@]+"${srun_args[@]}"} \
         "${PYTHON:-python}" -u "$LAUNCH_TOOLS_DIR/$tool" --launcher=slurm "$@"
 }

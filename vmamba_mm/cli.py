@@ -1,9 +1,9 @@
 """Helpers shared by the command-line tools (tools/train.py, tools/test.py, tools/demo.py, ...).
 
-They define the arguments train.py and test.py have in common, load a config, tell which toolbox
-(MMDetection or MMSegmentation) it belongs to, check that its data is where the config says,
-prepare distributed runs (also on machines without CUDA, where mmengine's launchers fail), and
-close the process group when a tool is done.
+They define the arguments train.py, test.py and analysis_tools/benchmark.py have in common, load
+a config, tell which toolbox (MMDetection or MMSegmentation) it belongs to, check that its data is
+where the config says, prepare distributed runs (also on machines without CUDA, where mmengine's
+launchers fail), and close the process group when a tool is done.
 """
 
 from __future__ import annotations
@@ -14,7 +14,18 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+)
 
 TOOLBOXES = ("mmdet", "mmseg")
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
@@ -43,12 +54,15 @@ SKIP_DATA_CHECK_HINT = (
 T = TypeVar("T")
 
 
+WORK_DIR_HELP = ("directory for logs, checkpoints and metrics (default: the config's work_dir, "
+                 "else ./work_dirs/<config name>)")
+
+
 def tool_parser(description: str, config_help: str) -> argparse.ArgumentParser:
     """An argument parser holding the arguments that tools/train.py and tools/test.py share.
 
     CONFIG is the first positional argument; a tool adds its own arguments afterwards (test.py's
-    CHECKPOINT then comes second). The shared options are ``--work-dir``, ``--cfg-options``,
-    ``--skip-data-check``, ``--launcher`` and ``--local-rank``.
+    CHECKPOINT then comes second). The shared options are those of :func:`add_shared_options`.
 
     Args:
         description: What the tool does, for ``--help``.
@@ -57,15 +71,27 @@ def tool_parser(description: str, config_help: str) -> argparse.ArgumentParser:
     Returns:
         The parser; parse with :func:`parse_tool_args`.
     """
-    from mmengine.config import DictAction
-
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("config", help=config_help)
-    parser.add_argument(
-        "--work-dir",
-        help="directory for logs, checkpoints and metrics (default: the config's work_dir, "
-        "else ./work_dirs/<config name>)",
-    )
+    add_shared_options(parser)
+    return parser
+
+
+def add_shared_options(parser: argparse.ArgumentParser,
+                       work_dir_help: str = WORK_DIR_HELP) -> None:
+    """Adds the options every config-running tool has (train.py, test.py, benchmark.py).
+
+    They are ``--work-dir``, ``--cfg-options``, ``--skip-data-check``, ``--launcher`` (one of
+    :data:`LAUNCHERS`, default "none") and the hidden ``--local-rank`` that
+    torch.distributed.launch passes; :func:`parse_tool_args` turns the last into LOCAL_RANK.
+
+    Args:
+        parser: The tool's parser.
+        work_dir_help: Help text of ``--work-dir``, saying what the tool writes there.
+    """
+    from mmengine.config import DictAction
+
+    parser.add_argument("--work-dir", help=work_dir_help)
     parser.add_argument(
         "--cfg-options",
         nargs="+",
@@ -87,21 +113,23 @@ def tool_parser(description: str, config_help: str) -> argparse.ArgumentParser:
     # torch.distributed.launch passes --local-rank (older torch: --local_rank).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0,
                         help=argparse.SUPPRESS)
-    return parser
 
 
-def parse_tool_args(parser: argparse.ArgumentParser,
-                    argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_tool_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
+                    intermixed: bool = False) -> argparse.Namespace:
     """Parses a tool's command line; ``--local-rank`` becomes LOCAL_RANK unless that is set.
 
     Args:
-        parser: A parser made by :func:`tool_parser` (with the tool's own arguments added).
+        parser: A parser holding :func:`add_shared_options` (e.g. made by :func:`tool_parser`),
+            with the tool's own arguments added.
         argv: The arguments; ``None`` takes ``sys.argv[1:]``.
+        intermixed: Let an optional positional follow options (``parse_intermixed_args``).
 
     Returns:
         The parsed arguments.
     """
-    args = parser.parse_args(argv)
+    parse = parser.parse_intermixed_args if intermixed else parser.parse_args
+    args = parse(argv)
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
     return args

@@ -6,19 +6,23 @@ GPU's queue to drain; in VMamba that would happen in every SS2D of every step.
 
 On CPU, ``HostReads`` replaces those Tensor methods and torch functions with wrappers that record
 who called them (the first caller outside torch's own modules), then the forward and backward of
-every op run on each CPU backend ("torch", "naive", and "triton" in the interpreter). Nothing is
-excluded: Triton's CPU interpreter copies kernel arguments through their storages, not through
-these methods, so it records nothing of its own. With a GPU, the same ops run under
-``torch.cuda.set_sync_debug_mode("error")``, which turns every synchronisation into an error.
+every op run on each CPU backend ("torch", "naive", and "triton" in the interpreter): the
+selective scan, the cross-scan and cross-merge, and ``ss2d_scan``, the four-route 2D scan that
+SS2D runs (its host-read tests on every backend are in test_ss2d_scan.py; here its Triton kernels'
+chunk-parallel schedule). Nothing is excluded: Triton's CPU interpreter copies kernel arguments
+through their storages, not through these methods, so it records nothing of its own. With a
+GPU, the same ops run under ``torch.cuda.set_sync_debug_mode("error")``, which turns every
+synchronisation into an error: each backend ("torch", "triton", "auto").
 
-The one value check, A <= 0, runs only with ``VMAMBA_MM_DEBUG_CHECKS=1``; a test below shows
-that the recorder sees it then, i.e. that it would see it if it ran by default.
+The one value check, A <= 0 in ``selective_scan`` and ``ss2d_scan``, runs only with
+``VMAMBA_MM_DEBUG_CHECKS=1``; a test below shows that the recorder sees it then, i.e. that it
+would see it if it ran by default.
 """
 
 import contextlib
 import os
 import sys
-from typing import Callable, Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 import pytest
 import torch
@@ -31,6 +35,7 @@ from vmamba_mm.ops import (
     cross_scan,
     cross_scan_channel_last,
     selective_scan,
+    ss2d_scan,
 )
 from vmamba_mm.ops.debug import ENV_VAR, value_checks_enabled
 from vmamba_mm.ops.selective_scan import torch_scan
@@ -114,6 +119,26 @@ def _scan_inputs(d_state: int, with_optional: bool, length: int = 7):
     return {k: v.requires_grad_() for k, v in values.items() if v is not None}
 
 
+def _ss2d_inputs(batch: int = 1, height: int = 9, width: int = 9, dim: int = 4,
+                 d_state: int = 1) -> Dict[str, torch.Tensor]:
+    """Leaf inputs of ``ss2d_scan``: x [B, H, W, D], delta [B, H, W, 4, D], A [4D, N] (< 0),
+    B and C [B, H, W, 4, N], D and delta_bias [4D]."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    routes = 4
+    values = {
+        "x": randn(batch, height, width, dim), "delta": randn(batch, height, width, routes, dim),
+        "A": -torch.exp(randn(routes * dim, d_state)),
+        "B": randn(batch, height, width, routes, d_state),
+        "C": randn(batch, height, width, routes, d_state),
+        "D": randn(routes * dim), "delta_bias": randn(routes * dim) * 0.1,
+    }
+    return {k: v.requires_grad_() for k, v in values.items()}
+
+
 def _scan_forward_backward(values, backend: str) -> Callable[[], None]:
     def run() -> None:
         y = selective_scan(**values, delta_softplus=True, backend=backend)
@@ -180,6 +205,27 @@ def test_triton_chunk_parallel_schedule_reads_no_values(monkeypatch) -> None:
     assert_no_host_reads(run)
 
 
+@pytest.mark.triton
+def test_triton_ss2d_scan_chunk_parallel_schedule_reads_no_values(monkeypatch) -> None:
+    # The GPU's schedule for few programs and long routes, forced: 8-step chunks make the 7 x 9
+    # map 8 chunks a route (the last one partial).
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from vmamba_mm.ops.ss2d_scan import triton_ss2d
+
+    picked: List[tuple] = []
+    monkeypatch.setattr(triton_ss2d, "use_chunk_parallel", lambda *a: picked.append(a) or True)
+    monkeypatch.setattr(triton_ss2d, "MAX_CHUNK", 8)
+    assert triton_ss2d.tile_sizes(4, 1, 7 * 9)[0] == 8
+    values = _ss2d_inputs(1, 7, 9, 4, 1)
+
+    def run() -> None:
+        y = ss2d_scan(**values, backend="triton")
+        y.backward(torch.ones_like(y))
+
+    assert_no_host_reads(run)
+    assert picked and all(n_chunks == 8 for _, n_chunks, _ in picked), picked
+
+
 CROSS_OPS = [
     pytest.param(cross_scan, (2, 3, 4, 5), id="cross_scan"),
     pytest.param(cross_scan_channel_last, (2, 4, 5, 3), id="cross_scan_channel_last"),
@@ -220,20 +266,39 @@ def test_vss_block_forward_and_backward_read_no_values(monkeypatch, backend, cha
     assert_no_host_reads(run)
 
 
-def test_debug_checks_read_A_and_refuse_positive_A(monkeypatch) -> None:
+# Each scan op with 16 entries of A: selective_scan's [K*D, N] = [8, 2], ss2d_scan's [16, 1].
+DEBUG_CHECKED_OPS = {
+    "selective_scan": (selective_scan, lambda: _scan_inputs(2, True), "u"),
+    "ss2d_scan": (ss2d_scan, lambda: _ss2d_inputs(1, 3, 3, 4, 1), "x"),
+}
+
+
+@pytest.mark.parametrize("op_name", sorted(DEBUG_CHECKED_OPS))
+def test_debug_checks_read_A_and_refuse_positive_A(monkeypatch, op_name: str) -> None:
     # The recorder sees the A check when it is switched on: it would see it if it ran by default.
-    values = _scan_inputs(2, True)
+    op, make_inputs, first = DEBUG_CHECKED_OPS[op_name]
+    values = make_inputs()
+    assert values["A"].numel() == 16
+
+    def run() -> torch.Tensor:
+        return op(**values, delta_softplus=True, backend="torch")
+
+    monkeypatch.setenv(ENV_VAR, "0")
+    run()
+    with host_reads() as reads:
+        run()
+    assert reads.calls == [], "A is read only with the debug checks on"
     monkeypatch.setenv(ENV_VAR, "1")
     with host_reads() as reads:
-        selective_scan(**values, delta_softplus=True, backend="torch")
+        run()
     assert reads.calls and all("interface.py" in call for call in reads.calls), reads.calls
     with torch.no_grad():
         values["A"][0, 0] = 0.5
-        values["A"][1, 1] = float("nan")
+        values["A"][1, -1] = float("nan")
     with pytest.raises(ValueError, match=r"A must be <= 0.* 2 of its 16 entries .*" + ENV_VAR):
-        selective_scan(**values, delta_softplus=True, backend="torch")
+        run()
     monkeypatch.setenv(ENV_VAR, "0")
-    assert selective_scan(**values, delta_softplus=True, backend="torch").shape == (2, 8, 7)
+    assert run().shape == values[first].shape
 
 
 @pytest.mark.parametrize("value,enabled", [
@@ -255,13 +320,17 @@ def test_debug_checks_flag_refuses_a_typo(monkeypatch) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
 def test_cuda_ops_and_block_run_without_any_synchronisation(backend) -> None:
     """Forward and backward of every op and of a block raise no sync under "error" mode."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     scan = {k: v.detach().to(device).requires_grad_()
             for k, v in _scan_inputs(16, True, length=50).items()}
+    # ss2d_scan at batch 2 and at batch 1 on a 32 x 32 map (16 chunks a route: the Triton
+    # kernels' chunk-parallel schedule on a GPU).
+    ss2d = [{k: v.detach().to(device).requires_grad_() for k, v in _ss2d_inputs(*sizes).items()}
+            for sizes in ((2, 7, 9, 16, 16), (1, 32, 32, 16, 1))]
     image = torch.randn(2, 16, 7, 9, device=device, requires_grad=True)
     image_last = torch.randn(2, 7, 9, 16, device=device, requires_grad=True)
     routes = torch.randn(2, 4, 16, 7, 9, device=device, requires_grad=True)
@@ -277,6 +346,9 @@ def test_cuda_ops_and_block_run_without_any_synchronisation(backend) -> None:
     def step() -> None:
         y = selective_scan(**scan, delta_softplus=True, backend=backend)
         y.backward(torch.ones_like(y))
+        for values in ss2d:
+            y = ss2d_scan(**values, backend=backend)
+            y.backward(torch.ones_like(y))
         for op, x in ((cross_scan, image), (cross_scan_channel_last, image_last),
                       (cross_merge, routes), (cross_merge_channel_last, routes)):
             out = op(x, backend=backend)
@@ -294,3 +366,4 @@ def test_cuda_ops_and_block_run_without_any_synchronisation(backend) -> None:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(image.grad).all() and torch.isfinite(scan["A"].grad).all()
+    assert all(torch.isfinite(values["A"].grad).all() for values in ss2d)

@@ -14,7 +14,14 @@ from typing import List, Tuple
 
 import pytest
 import torch
-from tool_test_utils import DET_CONFIG, ROOT, SEG_CONFIG, SMALL_PIPELINES, TOOLS
+from tool_test_utils import (
+    DET_CONFIG,
+    ROOT,
+    SEG_CONFIG,
+    SMALL_PIPELINES,
+    TOOLS,
+    load_tool_module,
+)
 
 from vmamba_mm import benchmarking
 from vmamba_mm.benchmarking import Benchmark, BenchmarkOptions
@@ -203,6 +210,44 @@ def test_command_line_takes_the_checkpoint_as_mmseg_and_as_mmdet(tool) -> None:
         None, "inference", 2000, 50, 5, 1, "test")
     with pytest.raises(SystemExit):
         tool.parse_args([config, "a.pth", "--checkpoint", "b.pth"])
+
+
+SHARED_DESTS = ("work_dir", "cfg_options", "skip_data_check", "launcher", "local_rank")
+
+
+def _shared_actions(parser) -> dict:
+    """What makes each shared option parse as it does: its flags, kind, choices and default."""
+    return {a.dest: (a.option_strings, type(a), a.nargs, a.type, a.choices, a.default, a.const)
+            for a in parser._actions if a.dest in SHARED_DESTS}
+
+
+def test_shared_options_are_train_pys_with_the_same_choices_and_defaults(
+        tool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmamba_mm import cli
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    train = load_tool_module("train")
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "parse_tool_args", lambda parser, argv=None, **kw: parser)
+        train_parser = train.parse_args([])
+    shared = _shared_actions(tool.build_parser())
+    assert set(shared) == set(SHARED_DESTS)
+    assert shared == _shared_actions(train_parser)
+    assert shared["launcher"][4] == cli.LAUNCHERS
+
+    def values(args) -> tuple:
+        return tuple(getattr(args, dest) for dest in SHARED_DESTS)
+
+    config = str(DET_CONFIG)
+    assert values(tool.parse_args([config])) == values(train.parse_args([config]))
+    options = ["--work-dir", "W", "--skip-data-check", "--launcher", "mpi", "--local-rank", "3",
+               "--cfg-options", "model.backbone.arch=tiny", "test_dataloader.batch_size=2"]
+    monkeypatch.delenv("LOCAL_RANK")
+    args = tool.parse_args([config, "a.pth", *options])
+    assert os.environ["LOCAL_RANK"] == "3", "--local-rank becomes LOCAL_RANK, as in train.py"
+    assert values(args) == values(train.parse_args([config, *options])) == (
+        "W", {"model.backbone.arch": "tiny", "test_dataloader.batch_size": 2}, True, "mpi", 3)
+    assert args.checkpoint == "a.pth"
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -9,6 +9,7 @@ variables Open MPI's mpirun sets. Each run trains or tests the demo UperNet on 6
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -93,6 +94,113 @@ def _assert_ran_on_two_processes(work_dir: Path, launcher: str) -> None:
     assert f"Distributed launcher: {launcher}" in log
     assert "Distributed training: True" in log
     assert "GPU number: 2" in log, "the world size mmengine saw"
+
+
+LAUNCHER_USAGE = {
+    "dist_train.sh": "CONFIG NUM_PROCS [train.py options...]",
+    "dist_test.sh": "CONFIG CHECKPOINT NUM_PROCS [test.py options...]",
+    "slurm_train.sh": "PARTITION JOB_NAME CONFIG WORK_DIR [train.py options...]",
+    "slurm_test.sh": "PARTITION JOB_NAME CONFIG CHECKPOINT [test.py options...]",
+}
+# Arguments enough to start; the dist scripts' process count is the last of them.
+LAUNCHER_ARGS = {
+    "dist_train.sh": ["cfg.py", "2"],
+    "dist_test.sh": ["cfg.py", "ckpt.pth", "2"],
+    "slurm_train.sh": ["part", "job", "cfg.py", "work"],
+    "slurm_test.sh": ["part", "job", "cfg.py", "ckpt.pth"],
+}
+FAKE_SRUN_RECORDER = "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$FAKE_SRUN_LOG\"\n"
+
+
+def _launch(script: str, args: List[str], tmp_path: Path,
+            **env: str) -> Tuple[subprocess.CompletedProcess, List[str]]:
+    """Runs a launcher with ``PYTHON=echo`` and a fake srun that only records its arguments.
+
+    Returns:
+        The finished process and what srun was given, one argument a line ([] if not called).
+    """
+    bin_dir = tmp_path / "bin"
+    srun = bin_dir / "srun"
+    if not srun.exists():
+        bin_dir.mkdir()
+        srun.write_text(FAKE_SRUN_RECORDER)
+        srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    log = tmp_path / "srun.txt"
+    log.unlink(missing_ok=True)
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("SRUN_ARGS", "GPUS", "GPUS_PER_NODE", "CPUS_PER_TASK")}
+    environ.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHON="echo",
+                   FAKE_SRUN_LOG=str(log), **env)
+    done = subprocess.run(["bash", str(TOOLS / script), *args], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=60)
+    return done, log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.parametrize("script", sorted(LAUNCHER_USAGE))
+def test_launchers_print_their_usage_for_too_few_arguments(script: str, tmp_path: Path) -> None:
+    for args in ([], LAUNCHER_ARGS[script][:-1]):
+        done, srun_args = _launch(script, args, tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr == f"usage: {TOOLS / script} {LAUNCHER_USAGE[script]}\n"
+        assert done.stdout == "" and srun_args == []
+
+
+@pytest.mark.parametrize("script, args, env, name", [
+    ("dist_train.sh", ["cfg.py", "two"], {}, "NUM_PROCS"),
+    # The checkpoint where the process count goes: the old dist_test.sh's mistake.
+    ("dist_test.sh", ["cfg.py", "2", "ckpt.pth"], {}, "NUM_PROCS"),
+    ("dist_test.sh", ["cfg.py", "ckpt.pth", "0"], {}, "NUM_PROCS"),
+    ("slurm_train.sh", LAUNCHER_ARGS["slurm_train.sh"], {"GPUS": "eight"}, "GPUS"),
+    ("slurm_test.sh", LAUNCHER_ARGS["slurm_test.sh"], {"GPUS_PER_NODE": "-1"}, "GPUS_PER_NODE"),
+])
+def test_launchers_refuse_a_process_count_that_is_not_a_number(
+        script: str, args: List[str], env: Dict[str, str], name: str, tmp_path: Path) -> None:
+    done, srun_args = _launch(script, args, tmp_path, **env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"{TOOLS / script}: {name} must be a positive whole number")
+    assert done.stdout == "" and srun_args == []
+
+
+@pytest.mark.parametrize("script", ["dist_train.sh", "dist_test.sh"])
+def test_dist_launchers_start_torchrun_with_the_tool(script: str, tmp_path: Path) -> None:
+    done, _ = _launch(script, [*LAUNCHER_ARGS[script], "--work-dir", "w"], tmp_path, PORT="1234")
+    assert done.returncode == 0, done.stderr
+    tool = "train.py" if script == "dist_train.sh" else "test.py"
+    assert done.stdout.split() == [
+        "-m", "torch.distributed.run", "--nnodes=1", "--node_rank=0",
+        "--master_addr=127.0.0.1", "--nproc_per_node=2", "--master_port=1234",
+        str(TOOLS / tool), "--launcher", "pytorch", *LAUNCHER_ARGS[script][:-1],
+        "--work-dir", "w"]
+
+
+@pytest.mark.parametrize("script", ["slurm_train.sh", "slurm_test.sh"])
+@pytest.mark.parametrize("srun_options", [None, "", "--exclusive  --quotatype=auto"])
+def test_slurm_launchers_run_with_or_without_srun_args(script: str, srun_options, tmp_path: Path
+                                                       ) -> None:
+    env = {} if srun_options is None else {"SRUN_ARGS": srun_options}
+    done, srun_args = _launch(script, LAUNCHER_ARGS[script], tmp_path, GPUS="4", **env)
+    assert done.returncode == 0, done.stderr
+    tool_args = (["cfg.py", "--work-dir=work"] if script == "slurm_train.sh"
+                 else ["cfg.py", "ckpt.pth"])
+    assert srun_args == [
+        "-p", "part", "--job-name=job", "--gres=gpu:8", "--ntasks=4", "--ntasks-per-node=8",
+        "--cpus-per-task=5", "--kill-on-bad-exit=1", *(srun_options or "").split(), "echo", "-u",
+        str(TOOLS / script.replace("slurm_", "").replace(".sh", ".py")), "--launcher=slurm",
+        *tool_args]
+
+
+def test_launchers_expand_arrays_safely_for_old_bash() -> None:
+    # Under set -u, bash < 4.4 (e.g. CentOS 7's 4.2) stops at an empty array's "${a[@]}"
+    # ("unbound variable"); the launchers must write ${a[@]+"${a[@]}"}. The bash here is newer,
+    # so the scripts' text is checked.
+    for script in (TOOLS / name for name in ["_launch.sh", *sorted(LAUNCHER_USAGE)]):
+        code = [line for line in script.read_text().splitlines()
+                if not line.lstrip().startswith("#")]
+        for line in code:
+            for match in re.finditer(r'"\$\{(\w+)\[@\]\}"', line):
+                guard = f"${{{match.group(1)}[@]+"
+                assert line[match.start() - len(guard):match.start()] == guard, (
+                    f"{script.name}: unguarded {match.group(0)} in {line.strip()!r}")
 
 
 @pytest.mark.slow
@@ -193,7 +301,8 @@ def _run_mpi_ranks(command: List[str], env: Dict[str, str]) -> List[Tuple[int, s
     return [(rank.returncode, err) for rank, err in zip(ranks, errors)]
 
 
-def test_mpi_launcher_trains_on_two_processes(tiny_shapes: Path, tmp_path: Path) -> None:
+def test_mpi_launcher_trains_then_tests_on_two_processes(tiny_shapes: Path,
+                                                        tmp_path: Path) -> None:
     work_dir = tmp_path / "work"
     results = _run_mpi_ranks([sys.executable, str(TOOLS / "train.py"), str(SEG_CONFIG),
                               "--work-dir", str(work_dir), "--launcher", "mpi", *TRAIN_OPTIONS],
@@ -202,7 +311,17 @@ def test_mpi_launcher_trains_on_two_processes(tiny_shapes: Path, tmp_path: Path)
         assert code == 0, f"rank {rank} failed:\n{err[-5000:]}"
     _assert_ran_on_two_processes(work_dir, "mpi")
     assert "Iter(train) [2/2]" in _log(work_dir)
-    assert (work_dir / "iter_2.pth").is_file()
+    checkpoint = work_dir / "iter_2.pth"
+    assert checkpoint.is_file()
+
+    test_dir = tmp_path / "test"
+    results = _run_mpi_ranks([sys.executable, str(TOOLS / "test.py"), str(SEG_CONFIG),
+                              str(checkpoint), "--work-dir", str(test_dir), "--launcher", "mpi",
+                              *TEST_OPTIONS], _env(tiny_shapes))
+    for rank, (code, err) in enumerate(results):
+        assert code == 0, f"rank {rank} failed:\n{err[-5000:]}"
+    _assert_ran_on_two_processes(test_dir, "mpi")
+    assert any({"mIoU", "aAcc"} <= set(m) for m in _metrics(test_dir)), _metrics(test_dir)
 
 
 def test_two_ranks_end_with_one_error_line_for_a_damaged_checkpoint(tiny_shapes: Path,

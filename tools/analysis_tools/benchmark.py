@@ -48,35 +48,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 from vmamba_mm.cli import (
+    add_shared_options,
     check_checkpoint_argument,
     check_data,
     init_toolbox,
     load_config,
     one_line,
+    parse_tool_args,
     prepare_launcher,
     run_tool,
     toolbox_of,
 )
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parses the command line (see the module docstring).
-
-    Args:
-        argv: the arguments; None reads ``sys.argv``.
-
-    Returns:
-        The namespace; ``checkpoint`` holds the positional or the ``--checkpoint`` value.
-    """
-    from mmengine.config import DictAction
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: CONFIG, the optional CHECKPOINT, the benchmark's options, then
+    the options shared with train.py and test.py (``vmamba_mm.cli.add_shared_options``)."""
     from vmamba_mm.benchmarking import DATASET_TYPES, TASKS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -108,20 +101,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "config's data")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="default: cuda when available")
-    parser.add_argument("--work-dir",
-                        help="directory for the benchmark log and the fps JSON file")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction,
-                        help="override settings of the config, key=value (xxx=a,b or xxx=[a,b] "
-                        "for lists)")
-    parser.add_argument("--skip-data-check", action="store_true",
-                        help="do not check before the run that the config's data_root, ann_file "
-                        "and data_prefix exist locally")
-    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"],
-                        default="none", help="job launcher")
-    # torch.distributed.launch passes --local-rank (older torch: --local_rank).
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    add_shared_options(parser,
+                       work_dir_help="directory for the benchmark log and the fps JSON file")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parses the command line (see the module docstring).
+
+    Args:
+        argv: the arguments; None reads ``sys.argv``.
+
+    Returns:
+        The namespace; ``checkpoint`` holds the positional or the ``--checkpoint`` value.
+    """
+    parser = build_parser()
     # Intermixed: the optional CHECKPOINT may follow options (`CONFIG --task train CHECKPOINT`).
-    args = parser.parse_intermixed_args(argv)
+    args = parse_tool_args(parser, argv, intermixed=True)
     if args.checkpoint_option is not None:
         if args.checkpoint is not None and args.checkpoint != args.checkpoint_option:
             parser.error(f"two checkpoints given: {args.checkpoint} and --checkpoint "
@@ -131,8 +127,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if len(args.synthetic_shape) not in (1, 2):
             parser.error("--synthetic-shape takes one size (square) or two: H W")
         args.synthetic_shape = tuple(args.synthetic_shape) * (3 - len(args.synthetic_shape))
-    if "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
     return args
 
 
