@@ -6,10 +6,10 @@ mmcv/mmdet/mmseg needed). Prints one Markdown table of three parts:
 1. the SS2D scan path at VMamba-T's stage shapes (224x224 batch 128 and 1344x800 batch 2, stages
    1-4: maps at strides 4, 8, 16, 32, D = 96, 192, 384, 768, N = 1), forward and forward+backward,
    timed with ``triton.testing.do_bench`` (median). Each path is one row: today's
-   ``cross_scan -> selective_scan -> cross_merge`` and, once it exists, the fused
-   ``vmamba_mm.ops.ss2d_scan``. GB/s counts the ideal traffic (x, delta, B, C read once, y written
-   once; the backward adds dy read and every gradient written once, in the inputs' dtype) and is
-   set against a device-to-device copy measured in the same run;
+   ``cross_scan -> selective_scan -> cross_merge`` and the fused ``vmamba_mm.ops.ss2d_scan``
+   (``backend="auto"``: its Triton kernels on a GPU). GB/s counts the ideal traffic (x, delta,
+   B, C read once, y written once; the backward adds dy read and every gradient written once,
+   in the inputs' dtype) and is set against a device-to-device copy measured in the same run;
 2. VMamba-T and timm's ``swin_tiny_patch4_window7_224`` backbones at 224x224, batch 64, bf16
    autocast: training (forward + backward + SGD step) and inference images per second, and
    their ratio.
@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from vmamba_mm.ops import cross_merge, cross_scan, selective_scan
+from vmamba_mm.ops import cross_merge, cross_scan, selective_scan, ss2d_scan
 
 K = 4
 DIMS = (96, 192, 384, 768)
@@ -108,13 +108,9 @@ def todays_path(t: Dict[str, torch.Tensor]) -> torch.Tensor:
         batch, channels, height, width)
 
 
-def fused_path(t: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
-    """``vmamba_mm.ops.ss2d_scan`` when this checkout has it, else None."""
-    import vmamba_mm.ops as ops
-
-    if not hasattr(ops, "ss2d_scan"):
-        return None
-    return ops.ss2d_scan(t["x"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"])
+def fused_path(t: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """``vmamba_mm.ops.ss2d_scan``: y [B, H, W, D] float32."""
+    return ss2d_scan(t["x"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"])
 
 
 def ideal_bytes(t: Dict[str, torch.Tensor], backward: bool) -> int:
@@ -136,8 +132,6 @@ def scan_rows(device: torch.device, dtype: torch.dtype, smoke: bool) -> List[str
                                         ("ss2d_scan", fused_path, True)):
                 t = scan_inputs(batch, h, w, channels, device, dtype, natural)
                 y = path(t)
-                if y is None:
-                    continue
                 grad = torch.randn_like(y)
                 fwd = _median_seconds(lambda p=path, t=t: p(t), device)
                 both = _median_seconds(

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Tuple
 import torch
 
 from ..triton_env import interpreter_enabled
+from ..triton_launch import next_pow2
 
 _KERNELS: Dict[bool, Tuple[Any, Any]] = {}
 
@@ -157,10 +158,6 @@ def _kernels() -> Tuple[Any, Any]:
     return _KERNELS[interpret]
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _tile(dim: int, height: int, width: int, channel_last: bool) -> Tuple[int, int, int, int]:
     """Block sizes (BLOCK_D, BLOCK_H, BLOCK_W) and warp count for one launch.
 
@@ -170,13 +167,13 @@ def _tile(dim: int, height: int, width: int, channel_last: bool) -> Tuple[int, i
     """
     budget = 2048
     if channel_last:
-        block_d = min(_next_pow2(dim), 32)
-        block_w = min(_next_pow2(width), 8)
-        block_h = min(_next_pow2(height), max(1, budget // (block_d * block_w)))
+        block_d = min(next_pow2(dim), 32)
+        block_w = min(next_pow2(width), 8)
+        block_h = min(next_pow2(height), max(1, budget // (block_d * block_w)))
     else:
-        block_w = min(_next_pow2(width), 32)
-        block_h = min(_next_pow2(height), 32)
-        block_d = min(_next_pow2(dim), max(1, budget // (block_h * block_w)))
+        block_w = min(next_pow2(width), 32)
+        block_h = min(next_pow2(height), 32)
+        block_d = min(next_pow2(dim), max(1, budget // (block_h * block_w)))
     warps = 8 if block_d * block_h * block_w >= 2048 else 4
     return block_d, block_h, block_w, warps
 

@@ -175,7 +175,7 @@ SEPARATE_OPS = ScanPath(
     description="today's path: three ops; the routes cross HBM as xs and ys, [B, 4, D, L] each",
     run=_separate_ops_run,
     launch=_separate_ops_launch,
-    sm_count_hooks=("vmamba_mm.ops.selective_scan.triton_scan:_num_sms",),
+    sm_count_hooks=("vmamba_mm.ops.selective_scan.triton_scan:num_sms",),
 )
 
 
@@ -225,7 +225,7 @@ FUSED = ScanPath(
     description="one op: the four routes walked in place on natural-order inputs",
     run=_fused_run,
     launch=_fused_launch,
-    sm_count_hooks=("vmamba_mm.ops.ss2d_scan.triton_ss2d:_num_sms",),
+    sm_count_hooks=("vmamba_mm.ops.ss2d_scan.triton_ss2d:num_sms",),
 )
 
 SCAN_PATHS: List[ScanPath] = [SEPARATE_OPS, FUSED]

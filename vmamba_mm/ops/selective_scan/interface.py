@@ -76,7 +76,9 @@ def _resolve_backend(backend: object, u: Tensor) -> str:
     return backend
 
 
-def _check_tensor(name: str, value: object, ndim: int, layout: str) -> Tensor:
+def check_tensor(name: str, value: object, ndim: int, layout: str) -> Tensor:
+    """``value`` itself if it is a tensor with ``ndim`` dimensions; else a TypeError/ValueError
+    that names the argument and the layout it must have (``ss2d_scan`` checks with it too)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(value)}.")
     if value.dim() != ndim:
@@ -84,7 +86,8 @@ def _check_tensor(name: str, value: object, ndim: int, layout: str) -> Tensor:
     return value
 
 
-def _check_fp32(name: str, value: Tensor) -> None:
+def check_fp32(name: str, value: Tensor) -> None:
+    """Refuses a parameter (A, D, delta_bias) that is not float32, saying how to fix it."""
     if value.dtype != torch.float32:
         raise TypeError(
             f"{name} must be float32 (it is a parameter kept in full precision), got "
@@ -115,12 +118,12 @@ def check_inputs(
         ValueError: a wrong shape or device, or (debug checks only) an entry of A that is positive
             or NaN.
     """
-    _check_tensor("u", u, 3, "[batch, K*D, L]")
+    check_tensor("u", u, 3, "[batch, K*D, L]")
     batch, channels, length = u.shape
-    _check_tensor("delta", delta, 3, "[batch, K*D, L]")
-    _check_tensor("A", A, 2, "[K*D, N]")
-    _check_tensor("B", B, 4, "[batch, K, N, L]")
-    _check_tensor("C", C, 4, "[batch, K, N, L]")
+    check_tensor("delta", delta, 3, "[batch, K*D, L]")
+    check_tensor("A", A, 2, "[K*D, N]")
+    check_tensor("B", B, 4, "[batch, K, N, L]")
+    check_tensor("C", C, 4, "[batch, K, N, L]")
     if delta.shape != u.shape:
         raise ValueError(
             f"delta must have u's shape {tuple(u.shape)} ([batch, K*D, L]), got "
@@ -148,13 +151,13 @@ def check_inputs(
         )
     for name, value in (("D", D), ("delta_bias", delta_bias)):
         if value is not None:
-            _check_tensor(name, value, 1, "[K*D]")
+            check_tensor(name, value, 1, "[K*D]")
             if value.shape[0] != channels:
                 raise ValueError(
                     f"{name} must have shape [K*D] = [{channels}], got {tuple(value.shape)}."
                 )
-            _check_fp32(name, value)
-    _check_fp32("A", A)
+            check_fp32(name, value)
+    check_fp32("A", A)
     if u.dtype not in INPUT_DTYPES:
         raise TypeError(f"u must be float32, bfloat16 or float16, got {u.dtype}.")
     for name, value in (("delta", delta), ("B", B), ("C", C)):

@@ -48,12 +48,13 @@ Design
   or state * L products can pass 2**31; masks on channels, states and steps past L.
 """
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ..triton_launch import next_pow2, num_sms, on_device
 
 __all__ = ["triton_scan_forward", "triton_scan_backward", "triton_scan_forward_fake"]
 
@@ -373,14 +374,10 @@ def _scan_bwd_kernel(
             tl.store(dbias_ptr + srow, dbias_acc, mask=cmask)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(int(x) - 1, 0).bit_length()
-
-
 def _block_channels(d_group: int, n_pad: int) -> int:
     # At most 256 fp32 state values and 32 channels per program: the time loop is latency-bound,
     # so many small programs (more chunks and channel blocks in flight) beat few wide ones.
-    return max(1, min(_next_pow2(d_group), 32, 256 // n_pad))
+    return max(1, min(next_pow2(d_group), 32, 256 // n_pad))
 
 
 def _num_warps(block_c: int, n_pad: int) -> int:
@@ -388,19 +385,8 @@ def _num_warps(block_c: int, n_pad: int) -> int:
     return max(1, min(4, (block_c * n_pad) // 64))
 
 
-def _num_sms(device: torch.device) -> Optional[int]:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return None
-
-
-def _on_device(device: torch.device):
-    # Triton launches on the current CUDA device: make it the tensors' device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _use_chunk_parallel(tiles: int, n_chunks: int, device: torch.device) -> bool:
-    sms = _num_sms(device)
+    sms = num_sms(device)
     if sms is None or n_chunks == 1:
         # The interpreter runs programs one by one: fewer launches beat parallelism there.
         return False
@@ -413,7 +399,7 @@ def _chunk_for(length: int, chunk_size: Optional[int]) -> int:
         raise ValueError(f"chunk_size must be a positive power of two, got {chunk_size}.")
     # A sequence shorter than one chunk gets a chunk just long enough: the kernels run `chunk`
     # (masked) steps per chunk whatever L is.
-    return min(chunk, _next_pow2(max(length, 1)))
+    return min(chunk, next_pow2(max(length, 1)))
 
 
 def _geometry(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, block_channels: Optional[int]):
@@ -424,7 +410,7 @@ def _geometry(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, block_channels:
             f"u has {channels} channels, which is not a multiple of the {groups} groups of B/C."
         )
     d_group = channels // groups
-    n_pad = _next_pow2(d_state)
+    n_pad = next_pow2(d_state)
     if block_channels is None:
         block_c = _block_channels(d_group, n_pad)
     elif block_channels < 1 or block_channels & (block_channels - 1):
@@ -519,7 +505,7 @@ def triton_scan_forward(
     if chunk_parallel is None:
         chunk_parallel = _use_chunk_parallel(tiles, n_chunks, u.device)
     chunk_parallel = bool(chunk_parallel) and n_chunks > 1
-    with _on_device(u.device):
+    with on_device(u.device):
         _launch_forward(
             u, delta, A, B, C, D_, bias_, y, h_ckpt, length, channels, d_group, groups, d_state,
             n_chunks, chunk, n_cblk, tiles, block_c, n_pad, chunk_parallel,
@@ -604,7 +590,7 @@ def triton_scan_backward(
     )
     n_chunks = h_ckpt.shape[-1]
     # The unique power-of-two chunk size that splits L into n_chunks chunks.
-    chunk = _next_pow2(max(1, triton.cdiv(length, n_chunks)))
+    chunk = next_pow2(max(1, triton.cdiv(length, n_chunks)))
     dev = u.device
     u_dtype, delta_dtype, B_dtype, C_dtype = u.dtype, delta.dtype, B.dtype, C.dtype
     dy = dy.contiguous().float()
@@ -622,7 +608,7 @@ def triton_scan_backward(
     warps = _num_warps(block_c, n_pad)
     f32 = dict(device=dev, dtype=torch.float32)
 
-    with _on_device(dev):
+    with on_device(dev):
         if chunk_parallel:
             loc = torch.empty_like(h_ckpt)
             dsum = torch.empty((batch, channels, n_chunks), **f32)
@@ -644,7 +630,7 @@ def triton_scan_backward(
         n_seg = triton.cdiv(n_chunks, chunks_per_prog)
         n_work = tiles * n_seg
         if max_programs is None:
-            sms = _num_sms(dev)
+            sms = num_sms(dev)
             max_programs = 8 * sms if sms is not None else 2
         n_prog = max(1, min(n_work, max_programs))
 

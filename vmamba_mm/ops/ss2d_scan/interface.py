@@ -66,22 +66,6 @@ def _backend_functions(name: str) -> Tuple[Callable, Callable, Callable]:
     )
 
 
-def _check_tensor(name: str, value: object, ndim: int, layout: str) -> Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(value)}.")
-    if value.dim() != ndim:
-        raise ValueError(f"{name} must have shape {layout}, got {tuple(value.shape)}.")
-    return value
-
-
-def _check_fp32(name: str, value: Tensor) -> None:
-    if value.dtype != torch.float32:
-        raise TypeError(
-            f"{name} must be float32 (it is a parameter kept in full precision), got "
-            f"{value.dtype}; pass {name}.float()."
-        )
-
-
 def check_inputs(
     x: Tensor,
     delta: Tensor,
@@ -105,20 +89,20 @@ def check_inputs(
         ValueError: a wrong shape or device, or (debug checks only) an entry of A that is positive
             or NaN.
     """
-    _check_tensor("x", x, 4, "[batch, H, W, D]")
+    scan_interface.check_tensor("x", x, 4, "[batch, H, W, D]")
     batch, height, width, dim = x.shape
     if min(batch, height, width, dim) < 1:
         raise ValueError(
             f"x must have shape [batch, H, W, D] with every size >= 1, got {tuple(x.shape)}."
         )
     image = (batch, height, width, ROUTES)
-    _check_tensor("delta", delta, 5, "[batch, H, W, K, D]")
+    scan_interface.check_tensor("delta", delta, 5, "[batch, H, W, K, D]")
     if tuple(delta.shape) != (*image, dim):
         raise ValueError(
             f"delta must have shape [batch, H, W, K, D] = {(*image, dim)} (K = {ROUTES} routes, "
             f"x's batch, H, W and D), got {tuple(delta.shape)}."
         )
-    _check_tensor("A", A, 2, "[K*D, N]")
+    scan_interface.check_tensor("A", A, 2, "[K*D, N]")
     if A.shape[0] != ROUTES * dim or A.shape[1] < 1:
         raise ValueError(
             f"A must have shape [K*D, N] = [{ROUTES * dim}, N>=1] (K = {ROUTES} routes of x's "
@@ -126,7 +110,7 @@ def check_inputs(
         )
     d_state = A.shape[1]
     for name, value in (("B", B), ("C", C)):
-        _check_tensor(name, value, 5, "[batch, H, W, K, N]")
+        scan_interface.check_tensor(name, value, 5, "[batch, H, W, K, N]")
         if tuple(value.shape) != (*image, d_state):
             raise ValueError(
                 f"{name} must have shape [batch, H, W, K, N] = {(*image, d_state)} to match x and "
@@ -134,13 +118,13 @@ def check_inputs(
             )
     for name, value in (("D", D), ("delta_bias", delta_bias)):
         if value is not None:
-            _check_tensor(name, value, 1, "[K*D]")
+            scan_interface.check_tensor(name, value, 1, "[K*D]")
             if value.shape[0] != ROUTES * dim:
                 raise ValueError(
                     f"{name} must have shape [K*D] = [{ROUTES * dim}], got {tuple(value.shape)}."
                 )
-            _check_fp32(name, value)
-    _check_fp32("A", A)
+            scan_interface.check_fp32(name, value)
+    scan_interface.check_fp32("A", A)
     if x.dtype not in INPUT_DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}.")
     for name, value in (("delta", delta), ("B", B), ("C", C)):

@@ -22,12 +22,12 @@ Schedules, chosen per call from the number of (batch, channel block) programs:
 No float atomics: every sum has a fixed order, so results are bitwise repeatable.
 """
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 import triton
 
+from ..triton_launch import next_pow2, num_sms, on_device
 from . import triton_ss2d_kernels as kernels
 from .routes import ROUTES
 
@@ -42,10 +42,6 @@ MAX_CHUNK = 64
 MIN_PARALLEL_CHUNKS = 8
 
 
-def _next_pow2(value: int) -> int:
-    return 1 << max(int(value) - 1, 0).bit_length()
-
-
 def tile_sizes(dim: int, d_state: int, length: int) -> Tuple[int, int, int]:
     """(T, BLOCK_C, NP): steps per tile (= per checkpoint), channels per program, padded N.
 
@@ -53,25 +49,14 @@ def tile_sizes(dim: int, d_state: int, length: int) -> Tuple[int, int, int]:
     whole number of 32-byte sectors; T fills the tile budget, at most 64 steps, and no more than
     the image has positions.
     """
-    n_pad = _next_pow2(d_state)
-    block_c = min(_next_pow2(dim), 32 if n_pad <= 2 else 16)
+    n_pad = next_pow2(d_state)
+    block_c = min(next_pow2(dim), 32 if n_pad <= 2 else 16)
     steps = max(8, min(MAX_CHUNK, TILE_ELEMENTS // (block_c * n_pad)))
-    return min(steps, max(2, _next_pow2(length))), block_c, n_pad
+    return min(steps, max(2, next_pow2(length))), block_c, n_pad
 
 
 def _num_warps(steps: int, block_c: int, n_pad: int) -> int:
     return max(1, min(8, steps * block_c * n_pad // 256))
-
-
-def _num_sms(device: torch.device) -> Optional[int]:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return None
-
-
-def _on_device(device: torch.device):
-    # Triton launches on the current CUDA device: make it the tensors' device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def use_chunk_parallel(programs: int, n_chunks: int, device: torch.device) -> bool:
@@ -81,7 +66,7 @@ def use_chunk_parallel(programs: int, n_chunks: int, device: torch.device) -> bo
         programs: programs of the sequential schedule, one per (batch, channel block).
         n_chunks: route chunks per route.
     """
-    sms = _num_sms(device)
+    sms = num_sms(device)
     if sms is None:
         return False  # the interpreter runs programs one after the other
     return programs < 2 * sms and n_chunks >= MIN_PARALLEL_CHUNKS
@@ -189,7 +174,7 @@ def _carried(geo: _Geometry, inputs: Tensor, delta: Tensor, M: Tensor, A: Tensor
         **geo.tiles(),
     )
     carried = geo.checkpoints(A)
-    block_p = min(_next_pow2(geo.dim), max(1, 256 // geo.n_pad))
+    block_p = min(next_pow2(geo.dim), max(1, 256 // geo.n_pad))
     kernels.ss2d_propagate_kernel[(geo.batch * ROUTES, triton.cdiv(geo.dim, block_p))](
         loc_ptr=loc, dsum_ptr=dsum, A_ptr=A, out_ptr=carried, DIM=geo.dim, N=geo.d_state,
         n_chunks=geo.n_chunks, GRADIENT=gradient, BLOCK_C=block_p, NP=geo.n_pad,
@@ -235,7 +220,7 @@ def triton_ss2d_forward(
     A = A.contiguous()
     plan = geo.schedule(x.device)
     y_groups = geo.image_buffer(x, plan.groups)
-    with _on_device(x.device):
+    with on_device(x.device):
         if plan.parallel:
             h_ckpt = _carried(geo, x, delta, B, A, delta_bias, delta_softplus, gradient=False)
         else:
@@ -296,7 +281,7 @@ def triton_ss2d_backward(
     dA_part = A.new_empty((geo.batch, n_seg, ROUTES * geo.dim, geo.d_state))
     dD_part = A.new_empty((geo.batch, n_seg, ROUTES * geo.dim))
     dbias_part = A.new_empty((geo.batch, n_seg, ROUTES * geo.dim))
-    with _on_device(x.device):
+    with on_device(x.device):
         if plan.parallel:
             g_ckpt = _carried(geo, dy, delta, C, A, delta_bias, delta_softplus, gradient=True)
         else:

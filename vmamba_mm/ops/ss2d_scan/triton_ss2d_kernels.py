@@ -20,9 +20,10 @@ Route groups. The output kernels walk several routes per program, one after the 
 add each route's y (or dx) to what the routes before it stored, in place: the sum over the routes
 needs no atomics and has a fixed order. In the sequential schedule a program walks all four routes
 of its channel block (``ROUTES_PER_PROGRAM = 4``, order 0, 2, 1, 3) and y is written once. The
-chunk-parallel schedule splits the routes into chunks, and routes 0 and 1 meet different positions
-in a chunk, so a program there walks a pair of routes o and o + 2 (``ROUTES_PER_PROGRAM = 2``), which
-visit the same positions; the two pairs write two buffers that the host adds.
+chunk-parallel schedule splits the routes into chunks, and routes 0 and 1 meet different
+positions in a chunk, so a program there walks a pair of routes o and o + 2
+(``ROUTES_PER_PROGRAM = 2``), which visit the same positions; the two pairs write two buffers
+that the host adds.
 
 Checkpoints. ``hck`` ([batch, 4, n_chunks - 1, D, N] fp32) holds the state entering route chunks
 1 .. n - 1 (slot r - 1); the state entering route chunk 0 is zero and is not stored. The
@@ -314,7 +315,7 @@ def ss2d_propagate_kernel(
     loc_ptr, dsum_ptr, A_ptr, out_ptr, DIM, N, n_chunks,
     GRADIENT: tl.constexpr, BLOCK_C: tl.constexpr, NP: tl.constexpr,
 ):
-    """Carries the chunk contributions along each route into ``out`` [BATCH, 4, n_chunks - 1, DIM, N].
+    """Carries the chunk contributions along each route: ``out`` [BATCH, 4, n_chunks - 1, DIM, N].
 
     Program (batch * 4 + route k, channel block). Forward: with s_0 = 0 and
     s_{r+1} = exp(A dsum[r]) s_r + loc[r], the state entering route chunk r >= 1 goes to slot
