@@ -134,13 +134,13 @@ def _load_from_pavi(filename: str, map_location: Optional[Any]) -> Any:
 def load_url_safely(url: str, model_dir: Optional[str] = None, map_location: Optional[Any] = None,
                     **_ignored: Any) -> Any:
     """Stands in for mmengine's ``load_url`` (torch's ``load_state_dict_from_url``, which
-    unpickles with ``weights_only=False``): same download cache, safe loading."""
-    from .checkpoint.download import download_once_per_node
+    unpickles with ``weights_only=False``): same download cache, safe loading; a cached copy
+    that fails its checks is removed, like every URL download of :mod:`vmamba_mm.checkpoint`."""
     from .checkpoint.loading import load_checkpoint_file
 
-    path = download_once_per_node(url, cache_dir=model_dir) if model_dir else url
-    checkpoint, _ = load_checkpoint_file(path, map_location=map_location,
-                                         allowed_globals=mmengine_checkpoint_globals())
+    checkpoint, _ = load_checkpoint_file(url, map_location=map_location,
+                                         allowed_globals=mmengine_checkpoint_globals(),
+                                         cache_dir=model_dir)
     return checkpoint
 
 

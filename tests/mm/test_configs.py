@@ -141,6 +141,17 @@ def test_segmentation_recipe_is_the_official_one(rel):
     assert cfg.model.decode_head.num_classes == 150
 
 
+@pytest.mark.parametrize("rel", CONFIGS)
+def test_config_is_seeded_and_resumes_exactly(rel):
+    # Without a seed and the hook, --resume of a COCO/ADE run (or a Runner built from the config
+    # outside tools/train.py) continues with other random numbers than the interrupted run.
+    cfg = _load(rel)
+    randomness = cfg.get("randomness") or {}
+    assert isinstance(randomness.get("seed"), int), f"{rel}: randomness={randomness}"
+    hooks = [hook["type"] for hook in cfg.get("custom_hooks", [])]
+    assert hooks.count("ExactResumeHook") == 1, f"{rel}: custom_hooks={hooks}"
+
+
 def test_layer_decay_config_builds_its_optimizer():
     cfg = _load("configs/upernet/upernet_vmamba-t_layer-decay_4xb4-160k_ade20k-512x512.py")
     model = MODELS.build(cfg.model)

@@ -1,9 +1,11 @@
 """The tools with hostile, broken and mismatched checkpoints, as a user runs them.
 
-Each bad case ends in exactly one ``error:`` line that names the problem, a non-zero exit and no
-traceback; code in a served checkpoint never runs, whether it comes through ``load_from``,
-``--resume``, ``tools/test.py`` or a ``Pretrained`` init_cfg; and a served benign checkpoint tests
-exactly like its local copy.
+Each bad file (empty, text, truncated, non-zip, damaged, refused class) ends ``tools/test.py``,
+``--resume`` and ``load_from`` in exactly one ``error:`` line that names the problem, a non-zero
+exit and no traceback; code in a served checkpoint never runs, whether it comes through
+``load_from``, ``--resume``, ``tools/test.py`` or a ``Pretrained`` init_cfg; a served benign
+checkpoint tests exactly like its local copy, and training resumed from it ends bit-identical to
+training resumed from the local file.
 """
 
 import json
@@ -22,7 +24,7 @@ from crafted_checkpoints import (
     save_legacy_format,
     truncate,
 )
-from tool_test_utils import DET_CONFIG, SMALL_PIPELINES
+from tool_test_utils import DET_CONFIG, SEG_CONFIG, SMALL_PIPELINES
 
 pytestmark = pytest.mark.slow
 
@@ -71,14 +73,19 @@ def test_test_tool_refuses_bad_checkpoints_in_one_line(case: str, trained_checkp
     assert not (tmp_path / "marker").exists()
 
 
-@pytest.mark.parametrize("case", ["damaged", "refused", "empty"])
-def test_resume_refuses_bad_checkpoints_in_one_line(case: str, trained_checkpoints,
-                                                    tiny_shapes: Path, tmp_path: Path,
-                                                    run_tool: Callable) -> None:
+BAD_FILES = ["empty", "text", "truncated", "non-zip", "damaged", "refused"]
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+@pytest.mark.parametrize("option", ["--resume", "load_from"])
+def test_training_refuses_bad_checkpoints_in_one_line(option: str, case: str, trained_checkpoints,
+                                                      tiny_shapes: Path, tmp_path: Path,
+                                                      run_tool: Callable) -> None:
     path, pattern = _bad_files(tmp_path, trained_checkpoints["mask-rcnn"])[case]
-    done = run_tool(["tools/train.py", str(DET_CONFIG), "--resume", str(path), "--work-dir",
-                     str(tmp_path / "w"), "--cfg-options", *TRAIN_ONE, *SMALL_PIPELINES],
-                    tiny_shapes, check=False)
+    given = (["--resume", str(path), "--cfg-options"] if option == "--resume"
+             else ["--cfg-options", f"load_from={path}"])
+    done = run_tool(["tools/train.py", str(DET_CONFIG), "--work-dir", str(tmp_path / "w"),
+                     *given, *TRAIN_ONE, *SMALL_PIPELINES], tiny_shapes, check=False)
     assert_one_error_line(done, pattern)
     assert not (tmp_path / "marker").exists()
     assert not list((tmp_path / "w").glob("iter_*.pth")), "nothing trained on a bad checkpoint"
@@ -120,12 +127,59 @@ def _with_work_dir(args: List[str], work_dir: Path) -> List[str]:
     return [*args[:options], "--work-dir", str(work_dir), *args[options:], *SMALL_PIPELINES]
 
 
-def _state_dict(path: Path) -> dict:
+def _checkpoint(path: Path) -> dict:
     from vmamba_mm.checkpoint import load_checkpoint_file
     from vmamba_mm.mmengine_compat import mmengine_checkpoint_globals
 
-    return load_checkpoint_file(str(path), allowed_globals=mmengine_checkpoint_globals())[0][
-        "state_dict"]
+    return load_checkpoint_file(str(path), allowed_globals=mmengine_checkpoint_globals())[0]
+
+
+def _state_dict(path: Path) -> dict:
+    return _checkpoint(path)["state_dict"]
+
+
+def _training_scalars(work_dir: Path) -> List[dict]:
+    """The logged training scalars (losses, accuracies, learning rates), without timings."""
+    timings = {"time", "data_time", "eta", "memory"}
+    (log,) = work_dir.glob("*/vis_data/scalars.json")
+    return [{k: v for k, v in json.loads(line).items() if k not in timings}
+            for line in log.read_text().splitlines() if line.strip()]
+
+
+def _assert_bitwise_equal(a, b, name: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), name
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), name
+        for key in a:
+            _assert_bitwise_equal(a[key], b[key], f"{name}.{key}")
+    else:
+        assert a == b, name
+
+
+def test_resume_from_a_served_checkpoint_trains_like_the_local_file(
+        served, trained_checkpoints, tiny_shapes: Path, tmp_path: Path,
+        run_tool: Callable) -> None:
+    root, url = served
+    local = trained_checkpoints["upernet"]
+    shutil.copy(local, root / "iter_1.pth")
+    ends, scalars = [], []
+    for name, checkpoint in (("local", str(local)), ("url", f"{url}/iter_1.pth")):
+        work_dir = tmp_path / name
+        run_tool(["tools/train.py", str(SEG_CONFIG), "--work-dir", str(work_dir), "--resume",
+                  checkpoint, "--cfg-options", *TRAIN_ONE, "default_hooks.checkpoint.interval=1",
+                  *SMALL_PIPELINES], tiny_shapes)
+        assert not (work_dir / "iter_1.pth").exists(), "the run did not resume"
+        ends.append(_checkpoint(work_dir / "iter_2.pth"))
+        scalars.append(_training_scalars(work_dir))
+    assert scalars[0] and any("loss" in row for row in scalars[0]), scalars[0]
+    assert scalars[0] == scalars[1]
+    assert ends[0]["meta"]["iter"] == ends[1]["meta"]["iter"] == 2
+    for key in ("state_dict", "optimizer"):
+        _assert_bitwise_equal(ends[0][key], ends[1][key], key)
+    start = _state_dict(local)["decode_head.conv_seg.weight"]
+    assert not torch.equal(ends[0]["state_dict"]["decode_head.conv_seg.weight"], start), \
+        "nothing was trained"
 
 
 def test_served_checkpoint_tests_like_the_local_file(served, trained_checkpoints,

@@ -2,7 +2,10 @@
 
 In a distributed run the process with local rank 0 downloads while the others wait at a barrier,
 then every process reads the cached file. The download goes to a temporary file that is renamed
-when complete, so an interrupted download never leaves a partial file under the final name.
+when complete, so an interrupted download never leaves a partial file under the final name, and a
+download without the expected hash is never kept. A cached file that later fails a check (its
+CRC, or a hash pinned after it was cached) is removed by :func:`discard_cached`, so that the next
+load downloads it again instead of failing on the same bad copy forever.
 """
 
 import os
@@ -37,7 +40,8 @@ def download_once_per_node(url: str, expected_sha256: Optional[str] = None,
 
     Args:
         url: an http(s) URL.
-        expected_sha256: hex prefix the download must have (checked while downloading).
+        expected_sha256: hex prefix (lower case) the download must have, checked while
+            downloading: a download without it is not kept.
         cache_dir: overrides torch hub's checkpoint folder.
 
     Returns:
@@ -75,3 +79,26 @@ def download_once_per_node(url: str, expected_sha256: Optional[str] = None,
             f"checkpoint {url} was not downloaded to {target} by local rank 0 (see its log); "
             "download it yourself and pass the local path.")
     return target
+
+
+def discard_cached(path: str) -> str:
+    """Removes a cached download that failed its checks; only local rank 0 removes it.
+
+    Args:
+        path: the cached file (from :func:`cache_path`).
+
+    Returns:
+        A sentence for the error message that says what happened to the file.
+    """
+    local_rank, _ = _node_rank_and_world()
+    if local_rank != 0:
+        return (f"Local rank 0 removes the cached copy {path}, so the next run downloads it "
+                "again.")
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        return (f"The cached copy {path} could not be removed ({error}); delete it before "
+                "trying again.")
+    return f"The cached copy {path} was removed, so the next load downloads it again."

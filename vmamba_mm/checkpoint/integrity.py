@@ -134,15 +134,21 @@ def sha256_of(source: Source) -> str:
 
 
 def check_sha256(source: Source, name: str, expected: Optional[str]) -> None:
-    """Checks the file's SHA-256 against ``expected`` (a prefix of 8-64 hex digits), or against
-    the prefix its name carries when ``expected`` is None; nothing to check passes.
+    """Checks the file's SHA-256 against ``expected`` (a prefix of 8-64 hex digits), or, when
+    ``expected`` is None, against the prefix that ``name`` carries; nothing to check passes.
+
+    Args:
+        source: a local path, or a seekable buffer (from another mmengine file backend).
+        name: the file's path, URL or URI; its last component is read for torch hub's
+            ``name-<sha256 prefix>.ext`` convention, whatever the backend.
+        expected: the hex digits the caller pins, or None.
 
     Raises:
         DamagedCheckpointError: the digest does not start with the expected digits.
     """
     from_name = False
-    if expected is None and isinstance(source, str):
-        expected = name_sha256_prefix(source)
+    if expected is None:
+        expected = name_sha256_prefix(_path_part(name))
         from_name = True
     if expected is None:
         return
@@ -153,3 +159,10 @@ def check_sha256(source: Source, name: str, expected: Optional[str]) -> None:
         raise DamagedCheckpointError(
             f"{name} has SHA-256 {actual[:len(expected)]}..., not the {expected}... that "
             f"{origin}. The file is damaged or not the one expected; fetch it again.")
+
+
+def _path_part(name: str) -> str:
+    # "s3://bucket/x.pth", "cluster:s3://b/x.pth", "https://host/x.pth?token=..." -> the path.
+    if re.match(r"^(\S+:)?[A-Za-z][A-Za-z0-9+.-]*://", name) is None:
+        return name
+    return name.split("://", 1)[1].split("?", 1)[0]

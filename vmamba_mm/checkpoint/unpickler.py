@@ -5,11 +5,16 @@ the weights, which torch's weights-only loader refuses. This reader rebuilds ten
 types of torch's allow-list, and lets every other class appear only as an inert
 :class:`SkippedObject` that records what it stood for. It never runs code from the file:
 
-* calling (``REDUCE``) anything outside the allow-list is refused: a config is rebuilt by
-  ``NEWOBJ``/``BUILD``/``SETITEMS``, so a call of an unknown function is never needed;
+* calling (``REDUCE``) anything outside the allow-list is refused, and so is building an
+  unknown class the way a call would: ``INST`` and ``OBJ`` (which call the class), and ``NEWOBJ``
+  or ``NEWOBJ_EX`` with arguments. A config is rebuilt by ``NEWOBJ`` without arguments, then
+  ``BUILD``/``SETITEMS``, so none of these is ever needed;
 * ``BUILD``, ``SETITEM(S)``, ``APPEND(S)`` and ``ADDITEMS`` apply only to objects the reader
   itself created while reading this file, so a pickle cannot change an existing class, module or
-  function (e.g. ``GLOBAL collections.Counter`` then ``BUILD {"most_common": ...}``).
+  function (e.g. ``GLOBAL collections.Counter`` then ``BUILD {"most_common": ...}``). What a
+  ``GLOBAL`` names is never such an object, nor is an object that an allowed call returns but
+  that existed before (``torch.serialization._get_layout`` returns the global ``torch.strided``);
+  dtypes, layouts, quantization schemes, memory formats and devices never are.
 """
 
 import io
@@ -66,7 +71,8 @@ def qualified_name(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
-# Opcodes whose result is a new object made by the reader.
+# Opcodes whose result may be a new object made by the reader (a call's result only when it is
+# new, see _is_fresh).
 _CREATING_OPCODES = ("EMPTY_DICT", "EMPTY_LIST", "EMPTY_SET", "DICT", "LIST", "REDUCE", "NEWOBJ",
                      "NEWOBJ_EX", "OBJ", "INST")
 # Opcodes that change the object under them on the stack (or in a mark below the items).
@@ -74,7 +80,14 @@ _MUTATING_OPCODES = {"BUILD": 1, "SETITEM": 2, "SETITEMS": None, "APPEND": 1, "A
                      "ADDITEMS": None}
 # What is never a reader-made object, whatever else the pickle says.
 _NEVER_MUTABLE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
-                  types.MethodType)
+                  types.MethodType, types.MethodWrapperType, types.WrapperDescriptorType,
+                  types.MethodDescriptorType, torch.dtype, torch.layout, torch.qscheme,
+                  torch.memory_format, torch.device)
+# References to a new object right after the opcode that made it: the stack's, and the one
+# sys.getrefcount itself holds. An object that existed before has more (its module's, a cache's).
+_probe = [object()]
+_FRESH_REFCOUNT = sys.getrefcount(_probe[-1])
+del _probe
 
 
 def _opcode(name: str) -> int:
@@ -149,25 +162,49 @@ class RestrictedUnpickler(pickle._Unpickler):
                 wrap_storage=untyped, dtype=dtype, _internal=True)
         return self._storages[key]
 
-    def _refuse_call(self) -> None:
-        func = self.stack[-2]
-        if isinstance(func, type) and issubclass(func, SkippedObject):
+    def _refuse_placeholder(self, klass: Any, opcode: str, how: str) -> None:
+        if isinstance(klass, type) and issubclass(klass, SkippedObject):
             raise UnsafeCheckpointError(
-                f"refused {func.pickled_name}: {self._name} calls it while loading, and only "
-                "the tensor and container functions of torch's allow-list may be called. Nothing "
-                "from the file was run. If you trust the file, see 'Checkpoint safety' in the "
-                "README for how to re-save its weights.")
+                f"refused {klass.pickled_name}: {self._name} {how} while loading (pickle opcode "
+                f"{opcode}), and only the tensor and container functions of torch's allow-list "
+                "may be called. Nothing from the file was run. If you trust the file, see "
+                "'Checkpoint safety' in the README for how to re-save its weights.")
+
+    def _instantiate(self, klass: Any, args: list) -> None:
+        # INST and OBJ call the class with the pickled arguments (pickle's protocols 0 and 1).
+        self._refuse_placeholder(klass, "INST/OBJ", "calls it")
+        super()._instantiate(klass, args)
+
+    def _check_before(self, opcode: str) -> None:
+        if opcode == "REDUCE":
+            self._refuse_placeholder(self.stack[-2], opcode, "calls it")
+        elif opcode == "NEWOBJ" and not _is_empty(self.stack[-1]):
+            self._refuse_placeholder(self.stack[-2], opcode, "builds it with arguments")
+        elif opcode == "NEWOBJ_EX" and not (_is_empty(self.stack[-2])
+                                            and _is_empty(self.stack[-1])):
+            self._refuse_placeholder(self.stack[-3], opcode, "builds it with arguments")
+
+    def _remember_if_new(self) -> None:
+        # A call's result is the reader's own only if nothing else holds it: an allowed function
+        # may hand back an object that already existed (a global, a cached singleton).
+        if sys.getrefcount(self.stack[-1]) > _FRESH_REFCOUNT:
+            return
+        obj = self.stack[-1]
+        self._created[id(obj)] = obj
+
+
+def _is_empty(arguments: Any) -> bool:
+    # Looks at the type first: the truth value of an arbitrary object could run its code.
+    return type(arguments) in (tuple, dict) and len(arguments) == 0
 
 
 def _record_created(opcode: str) -> Callable[[RestrictedUnpickler], None]:
     original = pickle._Unpickler.dispatch[_opcode(opcode)]
 
     def run(self: RestrictedUnpickler) -> None:
-        if opcode == "REDUCE":
-            self._refuse_call()
+        self._check_before(opcode)
         original(self)
-        obj = self.stack[-1]
-        self._created[id(obj)] = obj
+        self._remember_if_new()
 
     return run
 
