@@ -1,6 +1,7 @@
 """Every config under configs/ loads and its model builds through the mmdet / mmseg registries,
 without data or downloads, and the model-zoo configs carry the official recipes (spec section 1)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,18 @@ def test_config_loads_and_model_builds(rel):
     assert widths == (WIDE if arch.startswith(("base", "vanilla-base")) else NARROW)
     assert sum(p.numel() for p in backbone.parameters()) == BACKBONE_PARAMS[arch]
     assert type(model).__name__ == ("EncoderDecoder" if family == "seg" else "MaskRCNN")
+    # The README's model zoo states the whole model's parameters (in millions, 2 decimals).
+    total = sum(p.numel() for p in model.parameters())
+    assert _readme_zoo_params(rel) == f"{total / 1e6:.2f}M", rel
+
+
+def _readme_zoo_params(rel: str) -> str:
+    """The params cell of the README's model-zoo row that links to ``rel``."""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("| [") and f"]({rel})" in line:
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            return next(cell for cell in cells if re.fullmatch(r"[0-9]+\.[0-9]{2}M", cell))
+    raise AssertionError(f"README.md's model zoo has no row for {rel}")
 
 
 @pytest.mark.parametrize("rel", [p for p, v in ZOO.items() if v[0] in ("1x", "3x")])
