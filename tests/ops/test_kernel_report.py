@@ -213,9 +213,14 @@ def test_fused_launcher_replay_launches_what_the_op_launches(height, width, num_
         with ka.capture_launches(num_sms, path.sm_count_hooks) as replay:
             path.launch(inputs)
     names = [launch.name for launch in replay]
-    parallel = ["ss2d_chunk_state_kernel", "ss2d_propagate_kernel"]
-    assert names == (parallel if num_sms == 4 else []) + ["ss2d_forward_kernel"] + (
-        parallel if num_sms == 4 else []) + ["ss2d_backward_kernel"]
+    # Chunk-parallel: carries, then one output launch per route pair (the second adds to the
+    # first's y or dx); sequential: one output launch walking all four routes.
+    carries = ["ss2d_chunk_state_kernel", "ss2d_propagate_kernel"]
+    if num_sms == 4:
+        assert names == carries + ["ss2d_forward_kernel"] * 2 + carries + [
+            "ss2d_backward_kernel"] * 2
+    else:
+        assert names == ["ss2d_forward_kernel", "ss2d_backward_kernel"]
     assert _launch_signature(replay) == _launch_signature(public)
 
 

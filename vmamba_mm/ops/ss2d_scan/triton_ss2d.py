@@ -3,9 +3,9 @@
 The kernels are in ``triton_ss2d_kernels.py`` (their docstring explains routes, route groups,
 checkpoints, tiles and scans). This module picks tile sizes and the schedule, allocates results
 and partials, and finishes the merges that are cheap in PyTorch: the sums of the per-channel-block
-and per-segment partials of dB, dC, dA, dD and d(delta_bias), and in the chunk-parallel schedule
-y = pair 0 + pair 1 (dx likewise). Nothing here reads tensor values on the host, and it runs on
-``meta`` tensors (the compile report replaces Triton's launch and records what would run).
+and per-segment partials of dB, dC, dA, dD and d(delta_bias). Nothing here reads tensor values
+on the host, and it runs on ``meta`` tensors (the compile report replaces Triton's launch and
+records what would run).
 
 Schedules, chosen per call from the number of (batch, channel block) programs:
 
@@ -15,14 +15,15 @@ Schedules, chosen per call from the number of (batch, channel block) programs:
 * chunk-parallel: when those programs would leave most of the GPU idle AND the routes are
   long (at least ``MIN_PARALLEL_CHUNKS`` chunks). ``ss2d_chunk_state_kernel`` computes every
   route chunk's contribution from a zero carry, ``ss2d_propagate_kernel`` carries it along the
-  route, then the output kernels run every (route pair, chunk) from its checkpoint. It reads x,
-  delta and B (C and dy in the backward) a second time, and y (dx) goes through two pair
-  buffers, so it is not used where the walk it saves is short.
+  route, then the output kernels run every (route pair, chunk) from its checkpoint: one launch
+  for routes 0 and 2, then one for routes 1 and 3 that adds to the y (dx) the first stored. It
+  reads x, delta and B (C and dy in the backward) a second time, and y (dx) once more, so it is
+  not used where the walk it saves is short.
 
 No float atomics: every sum has a fixed order, so results are bitwise repeatable.
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -100,10 +101,10 @@ class _Geometry:
         (the zero one at each route's start is not stored; see the kernels' docstring)."""
         return self.per_route_chunk(like, self.n_chunks - 1)
 
-    def image_buffer(self, like: Tensor, groups: int) -> Tensor:
-        """Empty fp32 [batch, H, W, D], or [groups, batch, H, W, D] for several route groups."""
-        shape = (self.batch, self.height, self.width, self.dim)
-        return like.new_empty(shape if groups == 1 else (groups, *shape), dtype=torch.float32)
+    def image(self, like: Tensor) -> Tensor:
+        """Empty fp32 [batch, H, W, D]: y or dx."""
+        return like.new_empty((self.batch, self.height, self.width, self.dim),
+                              dtype=torch.float32)
 
     def sizes(self) -> dict:
         return dict(H=self.height, W=self.width, L=self.length, DIM=self.dim, N=self.d_state,
@@ -114,24 +115,23 @@ class _Geometry:
 
 
 class _Schedule:
-    """How a call's output kernels split the work (see the module doc)."""
+    """How a call's output kernels split the work (see the module doc): one launch per route
+    group, in group order, each with ``programs`` programs."""
 
     def __init__(self, geo: _Geometry, parallel: bool, routes_per_program: int,
                  chunks_per_prog: int) -> None:
         self.parallel = parallel
         self.routes_per_program = routes_per_program
-        self.groups = ROUTES // routes_per_program
         self.chunks_per_prog = chunks_per_prog
         self.n_seg = geo.n_chunks // chunks_per_prog
-        self.programs = geo.batch * self.groups * geo.n_cblk * self.n_seg
+        self.programs = geo.batch * geo.n_cblk * self.n_seg
 
-    def launch(self) -> dict:
-        return dict(chunks_per_prog=self.chunks_per_prog, n_seg=self.n_seg,
-                    FROM_CKPT=self.parallel, ROUTES_PER_PROGRAM=self.routes_per_program)
-
-    def merged(self, buffer: Tensor) -> Tensor:
-        """The sum over the route groups' slots of an ``image_buffer``."""
-        return buffer if self.groups == 1 else torch.add(buffer[0], buffer[1])
+    def launches(self) -> List[dict]:
+        """The schedule's arguments of each output-kernel launch, in the order they must run."""
+        return [dict(chunks_per_prog=self.chunks_per_prog, n_seg=self.n_seg,
+                     FROM_CKPT=self.parallel, ROUTES_PER_PROGRAM=self.routes_per_program,
+                     GROUP=group)
+                for group in range(ROUTES // self.routes_per_program)]
 
 
 def channel_rows(tensor: Tensor) -> Tensor:
@@ -219,23 +219,24 @@ def triton_ss2d_forward(
     x, delta, B, C = (channel_rows(t) for t in (x, delta, B, C))
     A = A.contiguous()
     plan = geo.schedule(x.device)
-    y_groups = geo.image_buffer(x, plan.groups)
+    y = geo.image(x)
     with on_device(x.device):
         if plan.parallel:
             h_ckpt = _carried(geo, x, delta, B, A, delta_bias, delta_softplus, gradient=False)
         else:
             h_ckpt = geo.checkpoints(x)
-        kernels.ss2d_forward_kernel[(plan.programs,)](
-            x_ptr=x, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C,
-            D_ptr=A if D is None else D.contiguous(),
-            bias_ptr=A if delta_bias is None else delta_bias.contiguous(),
-            y_ptr=y_groups, hck_ptr=h_ckpt,
-            **_strides("x", x, "bhwd"), **_strides("d", delta, "bhwkd"),
-            **_strides("B", B, "bhwkn"), **_strides("C", C, "bhwkn"),
-            BATCH=geo.batch, **geo.sizes(), n_cblk=geo.n_cblk, **plan.launch(),
-            **_flags(D, delta_bias, delta_softplus), **geo.tiles(),
-        )
-    return plan.merged(y_groups), ([h_ckpt] if keep else [])
+        for launch in plan.launches():
+            kernels.ss2d_forward_kernel[(plan.programs,)](
+                x_ptr=x, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C,
+                D_ptr=A if D is None else D.contiguous(),
+                bias_ptr=A if delta_bias is None else delta_bias.contiguous(),
+                y_ptr=y, hck_ptr=h_ckpt,
+                **_strides("x", x, "bhwd"), **_strides("d", delta, "bhwkd"),
+                **_strides("B", B, "bhwkn"), **_strides("C", C, "bhwkn"),
+                **geo.sizes(), n_cblk=geo.n_cblk, **launch,
+                **_flags(D, delta_bias, delta_softplus), **geo.tiles(),
+            )
+    return y, ([h_ckpt] if keep else [])
 
 
 def triton_ss2d_backward(
@@ -274,7 +275,7 @@ def triton_ss2d_backward(
     f32 = dict(dtype=torch.float32)
     plan = geo.schedule(x.device)
     n_seg = plan.n_seg
-    dx_groups = geo.image_buffer(x, plan.groups)
+    dx = geo.image(x)
     ddelta = delta.new_empty(delta.shape)  # contiguous: the kernel computes its offsets so
     routed = (geo.n_cblk, geo.batch, geo.height, geo.width, ROUTES, geo.d_state)
     dB_part, dC_part = B.new_empty(routed, **f32), C.new_empty(routed, **f32)
@@ -286,20 +287,21 @@ def triton_ss2d_backward(
             g_ckpt = _carried(geo, dy, delta, C, A, delta_bias, delta_softplus, gradient=True)
         else:
             g_ckpt = h_ckpt  # not read
-        kernels.ss2d_backward_kernel[(plan.programs,)](
-            dy_ptr=dy, x_ptr=x, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C,
-            D_ptr=A if D is None else D.contiguous(),
-            bias_ptr=A if delta_bias is None else delta_bias.contiguous(),
-            hck_ptr=h_ckpt, gck_ptr=g_ckpt, dx_ptr=dx_groups, ddelta_ptr=ddelta,
-            dA_ptr=dA_part, dD_ptr=dD_part, dbias_ptr=dbias_part, dB_ptr=dB_part,
-            dC_ptr=dC_part,
-            **_strides("g", dy, "bhwd"), **_strides("x", x, "bhwd"),
-            **_strides("d", delta, "bhwkd"), **_strides("B", B, "bhwkn"),
-            **_strides("C", C, "bhwkn"),
-            BATCH=geo.batch, **geo.sizes(), n_cblk=geo.n_cblk, **plan.launch(),
-            **_flags(D, delta_bias, delta_softplus), **geo.tiles(),
-        )
-    dx = plan.merged(dx_groups).to(x_dtype)
+        for launch in plan.launches():
+            kernels.ss2d_backward_kernel[(plan.programs,)](
+                dy_ptr=dy, x_ptr=x, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C,
+                D_ptr=A if D is None else D.contiguous(),
+                bias_ptr=A if delta_bias is None else delta_bias.contiguous(),
+                hck_ptr=h_ckpt, gck_ptr=g_ckpt, dx_ptr=dx, ddelta_ptr=ddelta,
+                dA_ptr=dA_part, dD_ptr=dD_part, dbias_ptr=dbias_part, dB_ptr=dB_part,
+                dC_ptr=dC_part,
+                **_strides("g", dy, "bhwd"), **_strides("x", x, "bhwd"),
+                **_strides("d", delta, "bhwkd"), **_strides("B", B, "bhwkn"),
+                **_strides("C", C, "bhwkn"),
+                BATCH=geo.batch, **geo.sizes(), n_cblk=geo.n_cblk, **launch,
+                **_flags(D, delta_bias, delta_softplus), **geo.tiles(),
+            )
+    dx = dx.to(x_dtype)
     dA = dA_part.sum((0, 1))
     dB = dB_part.sum(0).to(B.dtype)
     dC = dC_part.sum(0).to(C.dtype)

@@ -22,8 +22,9 @@ needs no atomics and has a fixed order. In the sequential schedule a program wal
 of its channel block (``ROUTES_PER_PROGRAM = 4``, order 0, 2, 1, 3) and y is written once. The
 chunk-parallel schedule splits the routes into chunks, and routes 0 and 1 meet different
 positions in a chunk, so a program there walks a pair of routes o and o + 2
-(``ROUTES_PER_PROGRAM = 2``), which visit the same positions; the two pairs write two buffers
-that the host adds.
+(``ROUTES_PER_PROGRAM = 2``), which visit the same positions; pair 0 (``GROUP = 0``) and pair 1
+(``GROUP = 1``) run as two launches, and the second adds to what the first stored (the stream
+orders them), so y is still written into one tensor without atomics.
 
 Checkpoints. ``hck`` ([batch, 4, n_chunks - 1, D, N] fp32) holds the state entering route chunks
 1 .. n - 1 (slot r - 1); the state entering route chunk 0 is zero and is not stored. The
@@ -129,13 +130,11 @@ def _tile_states(dt, x, A, Bt, h_in):
 
 
 @triton.jit
-def _decode_tile(pid, n_cblk, n_seg, GROUPS: tl.constexpr):
-    """(batch, route group, channel block, segment) of an output-kernel program."""
+def _decode_tile(pid, n_cblk, n_seg):
+    """(batch, channel block, segment) of an output-kernel program."""
     seg = pid % n_seg
     rest = pid // n_seg
-    cblk = rest % n_cblk
-    rest = rest // n_cblk
-    return rest // GROUPS, rest % GROUPS, cblk, seg
+    return rest // n_cblk, rest % n_cblk, seg
 
 
 @triton.jit
@@ -196,22 +195,21 @@ def ss2d_forward_kernel(
     sd_b, sd_h, sd_w, sd_k, sd_d,
     sB_b, sB_h, sB_w, sB_k, sB_n,
     sC_b, sC_h, sC_w, sC_k, sC_n,
-    BATCH, H, W, L, DIM, N, n_chunks, chunks_per_prog, n_cblk, n_seg,
+    H, W, L, DIM, N, n_chunks, chunks_per_prog, n_cblk, n_seg,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    FROM_CKPT: tl.constexpr, ROUTES_PER_PROGRAM: tl.constexpr,
+    FROM_CKPT: tl.constexpr, ROUTES_PER_PROGRAM: tl.constexpr, GROUP: tl.constexpr,
     T: tl.constexpr, BLOCK_C: tl.constexpr, NP: tl.constexpr,
 ):
     """y of a group of routes over a segment of position chunks.
 
-    Program (batch, group o, channel block, segment) walks the group's routes in turn
-    (``_group_route``) over the segment's position chunks: the first stores y into slot o of
-    ``y_ptr`` ([4 // ROUTES_PER_PROGRAM, BATCH, H, W, DIM] fp32), the others add to it.
+    Program (batch, channel block, segment) walks the routes of group GROUP in turn
+    (``_group_route``) over the segment's position chunks, adding each route's y to ``y_ptr``
+    ([batch, H, W, DIM] fp32); only group 0's first route stores without adding.
     FROM_CKPT: every route chunk starts from its checkpoint (the chunk-parallel schedule, one
     chunk per segment); otherwise the walk starts from zero and writes the checkpoint of each
-    route chunk it enters after the first. hck: [BATCH, 4, n_chunks - 1, DIM, N].
+    route chunk it enters after the first. hck: [batch, 4, n_chunks - 1, DIM, N].
     """
-    GROUPS: tl.constexpr = 4 // ROUTES_PER_PROGRAM
-    b, o, cblk, seg = _decode_tile(tl.program_id(0), n_cblk, n_seg, GROUPS)
+    b, cblk, seg = _decode_tile(tl.program_id(0), n_cblk, n_seg)
     d = _channels(cblk, BLOCK_C)
     cmask = d < DIM
     n = tl.arange(0, NP)
@@ -219,9 +217,9 @@ def ss2d_forward_kernel(
     rows = tl.arange(0, T)
     state_mask = cmask[:, None] & nmask[None, :]
     b64 = b.to(tl.int64)
-    y_base = (o * BATCH + b64) * L * DIM
+    y_base = b64 * L * DIM
     for i in tl.static_range(ROUTES_PER_PROGRAM):
-        k = _group_route(o, i)
+        k = _group_route(GROUP, i)
         order = k % 2
         A, bias, Dv = _route_params(A_ptr, D_ptr, bias_ptr, k, d, cmask, n, nmask, DIM, N,
                                     HAS_D, HAS_BIAS)
@@ -253,7 +251,7 @@ def ss2d_forward_kernel(
             y = tl.sum(states * Ct[:, None, :], 2) + Dv[None, :] * x
             y_rows = _position_offsets(q, ok, order, H, W, y_base, W * DIM, DIM)
             y_ptrs = y_ptr + y_rows[:, None] + d[None, :]
-            if i > 0:
+            if GROUP > 0 or i > 0:
                 y += tl.load(y_ptrs, mask=ok_tile, other=0.0)
             tl.store(y_ptrs, y, mask=ok_tile)
             h = _last_row(states, rows, T)
@@ -358,18 +356,17 @@ def ss2d_backward_kernel(
     sC_b, sC_h, sC_w, sC_k, sC_n,
     BATCH, H, W, L, DIM, N, n_chunks, chunks_per_prog, n_cblk, n_seg,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    FROM_CKPT: tl.constexpr, ROUTES_PER_PROGRAM: tl.constexpr,
+    FROM_CKPT: tl.constexpr, ROUTES_PER_PROGRAM: tl.constexpr, GROUP: tl.constexpr,
     T: tl.constexpr, BLOCK_C: tl.constexpr, NP: tl.constexpr,
 ):
     """Gradients of a group of routes over a segment of position chunks.
 
-    Program (batch, group o, channel block, segment) walks the group's routes in turn
+    Program (batch, channel block, segment) walks the routes of group GROUP in turn
     (``_group_route``), each over the segment's route chunks from the last to the first. Each
     chunk recomputes its states from hck, runs the state gradient back through the chunk (dy is
     read once per route: y is the routes' sum), and writes:
 
-    * dx: slot o of ``dx_ptr`` ([4 // ROUTES_PER_PROGRAM, BATCH, H, W, DIM] fp32): the group's
-      first route stores, the others add;
+    * dx: ``dx_ptr`` [BATCH, H, W, DIM] fp32, added to (only group 0's first route stores);
     * d(delta): ``ddelta_ptr`` [BATCH, H, W, 4, DIM] (delta's dtype), route k's slot;
     * dB, dC: per channel block, ``dB_ptr``/``dC_ptr`` [n_cblk, BATCH, H, W, 4, N] fp32;
     * dA, dD, d(delta_bias): per (batch, segment), [BATCH, n_seg, 4 * DIM(, N)] fp32.
@@ -377,8 +374,7 @@ def ss2d_backward_kernel(
     FROM_CKPT: the state gradient entering each segment comes from gck (chunk-parallel
     schedule); otherwise the segment ends the route and it starts from zero.
     """
-    GROUPS: tl.constexpr = 4 // ROUTES_PER_PROGRAM
-    b, o, cblk, seg = _decode_tile(tl.program_id(0), n_cblk, n_seg, GROUPS)
+    b, cblk, seg = _decode_tile(tl.program_id(0), n_cblk, n_seg)
     d = _channels(cblk, BLOCK_C)
     cmask = d < DIM
     n = tl.arange(0, NP)
@@ -386,10 +382,10 @@ def ss2d_backward_kernel(
     rows = tl.arange(0, T)
     state_mask = cmask[:, None] & nmask[None, :]
     b64 = b.to(tl.int64)
-    dx_base = (o * BATCH + b64) * L * DIM
+    dx_base = b64 * L * DIM
     part_base = (cblk * BATCH + b64) * L * 4 * N
     for i in tl.static_range(ROUTES_PER_PROGRAM):
-        k = _group_route(o, i)
+        k = _group_route(GROUP, i)
         order = k % 2
         A, bias, Dv = _route_params(A_ptr, D_ptr, bias_ptr, k, d, cmask, n, nmask, DIM, N,
                                     HAS_D, HAS_BIAS)
@@ -441,7 +437,7 @@ def ss2d_backward_kernel(
 
             dx_rows = _position_offsets(q, ok, order, H, W, dx_base, W * DIM, DIM)
             dx_ptrs = dx_ptr + dx_rows[:, None] + d[None, :]
-            if i > 0:
+            if GROUP > 0 or i > 0:
                 dx += tl.load(dx_ptrs, mask=ok_tile, other=0.0)
             tl.store(dx_ptrs, dx, mask=ok_tile)
             dd_rows = _position_offsets(q, ok, order, H, W, b64 * L * 4 * DIM + k * DIM,
