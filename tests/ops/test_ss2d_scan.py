@@ -470,6 +470,27 @@ def test_auto_backend_on_cuda_matches_the_composition(d_state):
         assert_close(grads[name].cpu(), g_ref[name], *TOLERANCES[torch.float32], "d" + name)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("d_state", [1, 16])
+def test_chunk_parallel_schedule_on_cuda_matches_the_composition(monkeypatch, d_state):
+    # One channel block at batch 1 leaves the GPU idle; 24 x 24 = 576 positions give 9 (N = 1)
+    # or 72 (N = 16) route chunks, so the launcher picks the chunk-parallel schedule itself.
+    chosen = []
+    original = triton_ss2d.use_chunk_parallel
+    monkeypatch.setattr(triton_ss2d, "use_chunk_parallel",
+                        lambda *args: chosen.append(original(*args)) or chosen[-1])
+    _, inputs = make_inputs(1, 24, 24, 16, d_state)
+    cuda = {k: None if v is None else v.detach().cuda().requires_grad_()
+            for k, v in inputs.items()}
+    dy = torch.randn(1, 24, 24, 16, device="cuda")
+    y, grads = output_and_grads(lambda **kw: ss2d_scan(**kw, backend="triton"), cuda, dy)
+    assert chosen and all(chosen), "the chunk-parallel schedule was not chosen"
+    y_ref, g_ref = output_and_grads(composition, detached(inputs), dy.cpu())
+    assert_close(y.cpu(), y_ref.contiguous(), *TOLERANCES[torch.float32], "y")
+    for name in g_ref:
+        assert_close(grads[name].cpu(), g_ref[name], *TOLERANCES[torch.float32], "d" + name)
+
+
 def test_flop_and_activation_handles_count_the_four_routes_under_the_scan_operator():
     analysis = pytest.importorskip("mmengine.analysis")
     op = SS2D(8, d_state=2, ssm_ratio=2.0, channel_first=False, scan_backend="torch").eval()
