@@ -10,7 +10,8 @@ figure precisely):
     channel-first and channel-last SS2D, on ``meta`` tensors and with the SM count of each target
     GPU (sm_80: A100, 108 SMs; sm_90: H100, 132 SMs), deduplicates the specialisations the JIT
     would build, compiles each with ``triton.compile`` for a ``GPUTarget``, and prints registers,
-    spills, shared memory, warps and the widths of the PTX global loads/stores.
+    spills, shared memory, warps and the widths of the PTX global loads/stores. ``--models tiny``
+    (comma-separated architecture names) limits the settings to those models.
 ``--traffic``
     Runs each path of ``SCAN_PATHS`` (cross_scan -> selective_scan -> cross_merge, and the fused
     ss2d_scan, both with backend "triton") forward and backward in Triton's interpreter with
@@ -26,6 +27,7 @@ child process.
 Usage:
     python tools/analysis_tools/kernel_report.py                      # both parts
     python tools/analysis_tools/kernel_report.py --compile --archs 80,90 --markdown
+    python tools/analysis_tools/kernel_report.py --compile --archs 90 --models tiny
     python tools/analysis_tools/kernel_report.py --traffic --markdown --by-tensor
 """
 
@@ -73,11 +75,13 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
     return "\n".join(lines)
 
 
-def compile_cases(paths: Sequence[ka.ScanPath]) -> List[Tuple[str, ka.ScanPath, ka.PathInputs]]:
+def compile_cases(paths: Sequence[ka.ScanPath], models: Sequence[str] = tuple(MODELS),
+                  ) -> List[Tuple[str, ka.ScanPath, ka.PathInputs]]:
     """Every (model, shape, stage, dtype, layout) setting of every path, on ``meta`` tensors.
 
     Args:
         paths: the scan paths to launch.
+        models: the architectures (keys of ``MODELS``) to include.
 
     Returns:
         [(label, path, meta inputs)].
@@ -86,8 +90,8 @@ def compile_cases(paths: Sequence[ka.ScanPath]) -> List[Tuple[str, ka.ScanPath, 
 
     cases = []
     for path in paths:
-        for arch, model in MODELS.items():
-            setting = ARCH_SETTINGS[arch]
+        for arch in models:
+            model, setting = MODELS[arch], ARCH_SETTINGS[arch]
             for shape, batch, height, width in INPUT_SHAPES:
                 for stage, stride in enumerate(STAGE_STRIDES):
                     dim = int(setting["ssm_ratio"] * setting["dims"] * 2 ** stage)
@@ -132,12 +136,14 @@ def _constexprs(config: ka.CompiledConfig) -> str:
                     for k, v in config.constexprs.items())
 
 
-def compile_section(archs: Sequence[int], markdown: bool) -> str:
+def compile_section(archs: Sequence[int], markdown: bool,
+                    models: Sequence[str] = tuple(MODELS)) -> str:
     """Runs the compile report and formats it.
 
     Args:
         archs: compute capabilities (80, 90, ...).
         markdown: Markdown tables instead of plain text.
+        models: the architectures (keys of ``MODELS``) whose settings are compiled.
 
     Returns:
         The report text.
@@ -152,7 +158,7 @@ def compile_section(archs: Sequence[int], markdown: bool) -> str:
         lines.append("- ptxas is missing: only PTX was built; registers and spills are n/a.")
     elif cuobjdump is None:
         lines.append("- cuobjdump is missing: registers and spills are n/a.")
-    cases = compile_cases(ka.SCAN_PATHS)
+    cases = compile_cases(ka.SCAN_PATHS, models)
     specs = ka.collect_specializations(cases, archs)
     lines.append(f"- {len(cases)} settings per target, {len(specs)} distinct specialisations")
     configs: List[ka.CompiledConfig] = []
@@ -296,6 +302,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="compute capabilities to compile for (default 80,90); the "
                         "launchers see the SM count of an A100 for 80 and of an H100 for 90, and "
                         "make their no-GPU choices for any other")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="compile: comma-separated architectures whose settings are compiled "
+                        f"(default: all of {', '.join(MODELS)})")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("--by-tensor", action="store_true",
                         help="traffic: also break each launch down by tensor argument")
@@ -311,12 +320,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--archs must be comma-separated integers such as 80,90, got {args.archs!r}")
     if not args.arch_list:
         parser.error("--archs names no target")
+    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.model_list if m not in MODELS]
+    if unknown or not args.model_list:
+        parser.error(f"--models takes a comma-separated subset of {', '.join(MODELS)}, got "
+                     f"{args.models!r}")
     return args
 
 
 def _run_part(part: str, args: argparse.Namespace) -> str:
     if part == "compile":
-        return compile_section(args.arch_list, args.markdown)
+        return compile_section(args.arch_list, args.markdown, args.model_list)
     return traffic_section(args.markdown, args.by_tensor, args.channel_last, args.sms)
 
 
