@@ -149,29 +149,64 @@ def check_inputs(
             f"u's {channels} channels do not split into B's K={groups} groups; K*D must be a "
             "multiple of K."
         )
-    for name, value in (("D", D), ("delta_bias", delta_bias)):
+    check_dtypes_and_devices("u", u, delta, A, B, C, D, delta_bias, delta_softplus, channels)
+
+
+def check_dtypes_and_devices(
+    name: str,
+    first: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    channels: int,
+) -> None:
+    """The checks ``selective_scan`` and ``ss2d_scan`` share once their shapes are checked.
+
+    D and delta_bias are [channels] float32 vectors or None; A is float32; ``first`` (u or x) is
+    float32, bfloat16 or float16, and delta, B and C have its dtype; every tensor is on its
+    device; delta_softplus is a bool. A's values are read only with ``VMAMBA_MM_DEBUG_CHECKS=1``.
+
+    Args:
+        name: what the messages call ``first`` ("u" or "x").
+        first: the activations.
+        delta, A, B, C, D, delta_bias, delta_softplus: the scan's other arguments.
+        channels: K*D, the length D and delta_bias must have.
+
+    Raises:
+        TypeError: a wrong type or dtype.
+        ValueError: a wrong shape or device, or (debug checks only) an entry of A that is positive
+            or NaN.
+    """
+    for vector_name, value in (("D", D), ("delta_bias", delta_bias)):
         if value is not None:
-            check_tensor(name, value, 1, "[K*D]")
+            check_tensor(vector_name, value, 1, "[K*D]")
             if value.shape[0] != channels:
                 raise ValueError(
-                    f"{name} must have shape [K*D] = [{channels}], got {tuple(value.shape)}."
+                    f"{vector_name} must have shape [K*D] = [{channels}], got "
+                    f"{tuple(value.shape)}."
                 )
-            check_fp32(name, value)
+            check_fp32(vector_name, value)
     check_fp32("A", A)
-    if u.dtype not in INPUT_DTYPES:
-        raise TypeError(f"u must be float32, bfloat16 or float16, got {u.dtype}.")
-    for name, value in (("delta", delta), ("B", B), ("C", C)):
-        if value.dtype != u.dtype:
+    if first.dtype not in INPUT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {first.dtype}.")
+    for other, value in (("delta", delta), ("B", B), ("C", C)):
+        if value.dtype != first.dtype:
             raise TypeError(
-                f"{name} must have u's dtype {u.dtype}, got {value.dtype}; cast it with "
-                f".to({u.dtype})."
+                f"{other} must have {name}'s dtype {first.dtype}, got {value.dtype}; cast it "
+                f"with .to({first.dtype})."
             )
     if not isinstance(delta_softplus, bool):
         raise TypeError(f"delta_softplus must be a bool, got {type(delta_softplus)}.")
     named = [("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)]
-    for name, value in named:
-        if value is not None and value.device != u.device:
-            raise ValueError(f"{name} is on {value.device} but u is on {u.device}; use one device.")
+    for other, value in named:
+        if value is not None and value.device != first.device:
+            raise ValueError(
+                f"{other} is on {value.device} but {name} is on {first.device}; use one device."
+            )
     # Reading A's values would stall a GPU once per call, so it is opt-in; there are no values
     # to read while compiling/exporting or on meta tensors.
     if not torch.compiler.is_compiling() and A.device.type != "meta" and value_checks_enabled():

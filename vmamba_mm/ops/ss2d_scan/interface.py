@@ -35,15 +35,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..debug import value_checks_enabled
 from ..selective_scan import interface as scan_interface
 from ..triton_env import triton_available
 from .naive import ss2d_scan_naive
 from .routes import ROUTES
 
 Tensor = torch.Tensor
-
-INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # Public backend -> (implementation, the selective-scan backend it runs inside; "" when there is
@@ -116,31 +113,8 @@ def check_inputs(
                 f"{name} must have shape [batch, H, W, K, N] = {(*image, d_state)} to match x and "
                 f"A, got {tuple(value.shape)}."
             )
-    for name, value in (("D", D), ("delta_bias", delta_bias)):
-        if value is not None:
-            scan_interface.check_tensor(name, value, 1, "[K*D]")
-            if value.shape[0] != ROUTES * dim:
-                raise ValueError(
-                    f"{name} must have shape [K*D] = [{ROUTES * dim}], got {tuple(value.shape)}."
-                )
-            scan_interface.check_fp32(name, value)
-    scan_interface.check_fp32("A", A)
-    if x.dtype not in INPUT_DTYPES:
-        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}.")
-    for name, value in (("delta", delta), ("B", B), ("C", C)):
-        if value.dtype != x.dtype:
-            raise TypeError(
-                f"{name} must have x's dtype {x.dtype}, got {value.dtype}; cast it with "
-                f".to({x.dtype})."
-            )
-    if not isinstance(delta_softplus, bool):
-        raise TypeError(f"delta_softplus must be a bool, got {type(delta_softplus)}.")
-    named = [("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)]
-    for name, value in named:
-        if value is not None and value.device != x.device:
-            raise ValueError(f"{name} is on {value.device} but x is on {x.device}; use one device.")
-    if not torch.compiler.is_compiling() and A.device.type != "meta" and value_checks_enabled():
-        scan_interface.check_decay_rates(A)
+    scan_interface.check_dtypes_and_devices("x", x, delta, A, B, C, D, delta_bias,
+                                            delta_softplus, ROUTES * dim)
 
 
 def _resolve_backend(backend: object, x: Tensor) -> Tuple[str, str]:
