@@ -173,6 +173,20 @@ def test_triton_chunk_parallel_schedule_matches_the_composition(monkeypatch, d_s
 
 
 @pytest.mark.triton
+def test_triton_chunk_parallel_schedule_reads_strided_parameter_vectors(monkeypatch):
+    # D and delta_bias as every-other-element views: every kernel of the schedule, the chunk
+    # states included, must see their values, not the memory next to them.
+    monkeypatch.setattr(triton_ss2d, "use_chunk_parallel", lambda *args: True)
+    monkeypatch.setattr(triton_ss2d, "MAX_CHUNK", 8)
+    _, inputs = make_inputs(1, 9, 13, 3, 1)
+    for name in ("D", "delta_bias"):
+        doubled = torch.stack([inputs[name].detach(), torch.full_like(inputs[name], 5.0)], -1)
+        inputs[name] = doubled.flatten()[::2].requires_grad_()
+        assert inputs[name].stride() == (2,)
+    assert_matches_composition("triton", inputs, 1e-4, 1e-4)
+
+
+@pytest.mark.triton
 def test_triton_backend_is_bitwise_repeatable():
     _, inputs = make_inputs(2, 5, 7, 3, 2)
     dy = torch.randn(2, 5, 7, 3, generator=torch.Generator().manual_seed(3))

@@ -218,6 +218,7 @@ def triton_ss2d_forward(
     geo = _Geometry(x, A)
     x, delta, B, C = (channel_rows(t) for t in (x, delta, B, C))
     A = A.contiguous()
+    D, delta_bias = (None if t is None else t.contiguous() for t in (D, delta_bias))
     plan = geo.schedule(x.device)
     y = geo.image(x)
     with on_device(x.device):
@@ -228,8 +229,8 @@ def triton_ss2d_forward(
         for launch in plan.launches():
             kernels.ss2d_forward_kernel[(plan.programs,)](
                 x_ptr=x, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C,
-                D_ptr=A if D is None else D.contiguous(),
-                bias_ptr=A if delta_bias is None else delta_bias.contiguous(),
+                D_ptr=A if D is None else D,
+                bias_ptr=A if delta_bias is None else delta_bias,
                 y_ptr=y, hck_ptr=h_ckpt,
                 **_strides("x", x, "bhwd"), **_strides("d", delta, "bhwkd"),
                 **_strides("B", B, "bhwkn"), **_strides("C", C, "bhwkn"),
@@ -272,6 +273,7 @@ def triton_ss2d_backward(
     x_dtype = x.dtype
     dy, x, delta, B, C = (channel_rows(t) for t in (dy, x, delta, B, C))
     A = A.contiguous()
+    D, delta_bias = (None if t is None else t.contiguous() for t in (D, delta_bias))
     f32 = dict(dtype=torch.float32)
     plan = geo.schedule(x.device)
     n_seg = plan.n_seg
@@ -290,8 +292,8 @@ def triton_ss2d_backward(
         for launch in plan.launches():
             kernels.ss2d_backward_kernel[(plan.programs,)](
                 dy_ptr=dy, x_ptr=x, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C,
-                D_ptr=A if D is None else D.contiguous(),
-                bias_ptr=A if delta_bias is None else delta_bias.contiguous(),
+                D_ptr=A if D is None else D,
+                bias_ptr=A if delta_bias is None else delta_bias,
                 hck_ptr=h_ckpt, gck_ptr=g_ckpt, dx_ptr=dx, ddelta_ptr=ddelta,
                 dA_ptr=dA_part, dD_ptr=dD_part, dbias_ptr=dbias_part, dB_ptr=dB_part,
                 dC_ptr=dC_part,
